@@ -1,0 +1,42 @@
+# genlab: `make train` and `make test` install into .venv first (pip, from the committed lock).
+# Use an existing environment instead: `make test VENV=/path/to/venv` (it must already hold the
+# lock's packages, or `make install VENV=...` puts them there).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.genlab-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train test lint lock clean-cache help
+
+help:
+	@echo "make train  - install (if needed) and run the default job: python train.py $$ARGS"
+	@echo "make test   - install (if needed) and run the whole test suite"
+	@echo "make lint   - ruff lint + format check via pre-commit"
+	@echo "make lock   - rewrite requirements.lock from the current environment"
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.lock
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+train: install
+	$(BIN)/python train.py $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files
+
+lock: install
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^genlab' > requirements.lock
+
+clean-cache:
+	rm -rf .cache

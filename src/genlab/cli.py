@@ -1,0 +1,148 @@
+"""Entry points behind ``train.py`` and ``inference.py``: build everything from the config and run it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+# ---- shared helpers -------------------------------------------------------------------------
+def instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a config group mapping (callbacks, loggers)."""
+    if not group:
+        return []
+    if not isinstance(group, Mapping):
+        raise TypeError(f"expected a mapping of configs, got {type(group).__name__}")
+    return [instantiate(node) for node in group.values() if isinstance(node, Mapping) and "_target_" in node]
+
+
+@rank_zero_only
+def apply_extras(cfg: DictConfig) -> None:
+    """Print the composed config, silence warnings and enforce tags when the config asks for it."""
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extras.get("enforce_tags") and not cfg.get("tags"):
+        raise ValueError("tags are required: add `tags=[...]` to the command line")
+    if extras.get("print_config"):
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+
+
+def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str, current_run: str | Path | None = None) -> str | None:
+    """``last`` -> the newest ``last.ckpt`` among earlier runs of ``task_name``; a path must exist."""
+    if ckpt_path in (None, ""):
+        return None
+    if str(ckpt_path) == "last":
+        root = Path(log_dir) / task_name
+        current = Path(current_run).resolve() if current_run else None
+        found = [p for p in root.glob("**/checkpoints/last*.ckpt") if current is None or current not in p.resolve().parents]
+        if not found:
+            raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt under {root} to resume from")
+        newest = max(found, key=lambda p: p.stat().st_mtime)
+        log.info("resuming from %s", newest)
+        return str(newest)
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    return str(path)
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in sorted(metrics.items()) if getattr(v, "numel", lambda: 1)() == 1}
+
+
+@rank_zero_only
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+# ---- train ----------------------------------------------------------------------------------
+def train(cfg: DictConfig) -> dict[str, float]:
+    """seed -> datamodule -> model -> callbacks -> loggers -> trainer -> fit -> test -> metrics.json."""
+    from genlab.callbacks.system_monitor import describe_devices
+
+    apply_extras(cfg)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    model: pl.LightningModule = instantiate(cfg.model)
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    loggers = instantiate_all(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    log.info("devices: %s", describe_devices(trainer))
+
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, output_dir)
+    metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics |= scalar_metrics(trainer.callback_metrics)
+    if cfg.get("test", False):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not cfg.get("train", True):
+            best = ckpt_path or ""
+        if not best:
+            log.warning("no best checkpoint: testing the weights in memory")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics |= scalar_metrics(trainer.callback_metrics)
+    if trainer.is_global_zero and cfg.get("train", True):
+        model.export_weights(output_dir / "model.safetensors")
+    write_json(output_dir / "metrics.json", metrics)
+    log.info("metrics: %s", json.dumps(metrics, indent=1))
+    log.info("run directory: %s", output_dir)
+    for lg in loggers:
+        lg.finalize("success")
+    return metrics
+
+
+def optimized_value(cfg: DictConfig, metrics: Mapping[str, float]) -> float | None:
+    """The value a sweeper optimises (``optimized_metric``), with a clear error when it is missing."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric '{name}' was not logged; logged metrics: {sorted(metrics)}")
+    return metrics[name]
+
+
+# ---- inference ------------------------------------------------------------------------------
+def inference(cfg: DictConfig) -> Any:
+    """Run the task named by ``task=`` (generate, analyze_text, ...) with the composed config."""
+    apply_extras(cfg)
+    task = instantiate(cfg.task)
+    return task(cfg)
+
+
+# ---- console scripts (same as train.py / inference.py) --------------------------------------
+def _config_dir() -> str:
+    return str(Path(os.environ.get("GENLAB_CONFIG_DIR", Path.cwd() / "conf")).resolve())
+
+
+def train_main() -> None:
+    hydra.main(version_base="1.3", config_path=_config_dir(), config_name="train")(
+        lambda cfg: optimized_value(cfg, train(cfg))
+    )()
+
+
+def inference_main() -> None:
+    hydra.main(version_base="1.3", config_path=_config_dir(), config_name="inference")(inference)()

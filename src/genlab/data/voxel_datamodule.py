@@ -1,0 +1,133 @@
+"""LightningDataModule for voxel grids with captions (synthetic shapes, mesh folders)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from genlab.data.splits import stratified_split
+from genlab.data.voxel_dataset import VoxelCaptionDataset, VoxelSet
+
+log = logging.getLogger(__name__)
+
+
+class VoxelSource(Protocol):
+    """What a voxel data source provides: ``prepare()`` (cache, one process) and ``load()``."""
+
+    def prepare(self) -> None: ...
+
+    def load(self) -> VoxelSet: ...
+
+
+class VoxelDataModule(pl.LightningDataModule):
+    """Reads a voxel source, splits it (the source's own train/test split when it has one) and batches it.
+
+    The training order is drawn from the module's own generator (its state is checkpointed), so a
+    resumed run sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        dataset: VoxelSource,
+        voxel_size: int = 32,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        max_samples: int | None = None,
+        sample_prompts: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.source = dataset
+        self.voxel_size = voxel_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.max_samples = max_samples
+        self._sample_prompts = list(sample_prompts) if sample_prompts else None
+        self.data: VoxelSet | None = None
+        self.splits: dict[str, np.ndarray] = {}
+        self._train_generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is not None:
+            return
+        data = self.source.load()
+        if data.resolution != self.voxel_size:
+            raise ValueError(f"data set grids are {data.resolution}^3 but voxel_size={self.voxel_size}")
+        self.data = data
+        self.splits = self._split(data)
+        sizes = {k: len(v) for k, v in self.splits.items()}
+        log.info("voxel data: %d items, %d classes, splits %s", len(data.voxels), len(data.class_names), sizes)
+        if sizes["train"] == 0:
+            raise ValueError("the training split is empty: add data or lower val_fraction/test_fraction")
+
+    def _split(self, data: VoxelSet) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(self.split_seed)
+        keep = np.arange(len(data.voxels))
+        if self.max_samples is not None and self.max_samples < len(keep):
+            keep = np.sort(rng.permutation(keep)[: self.max_samples])
+        if data.splits is None:
+            parts = stratified_split(data.labels[keep], self.val_fraction, self.test_fraction, self.split_seed)
+            return {k: keep[v] for k, v in parts.items()}
+        fixed = np.asarray(data.splits)[keep]
+        train_pool, test = keep[fixed == "train"], keep[fixed == "test"]
+        parts = stratified_split(data.labels[train_pool], self.val_fraction, 0.0, self.split_seed)
+        return {"train": train_pool[parts["train"]], "val": train_pool[parts["val"]], "test": test}
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.data is None:
+            self.setup()
+        assert self.data is not None
+        return self.data.class_names
+
+    @property
+    def sample_prompts(self) -> list[str]:
+        """Prompts for sample previews: the configured ones, else "a <class>" per class."""
+        if self._sample_prompts:
+            return self._sample_prompts
+        return [f"{_article(c)} {c.replace('_', ' ')}" for c in self.class_names]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        assert self.data is not None, "call setup() first"
+        generator = self._train_generator if shuffle else torch.Generator().manual_seed(0)
+        return DataLoader(
+            VoxelCaptionDataset(self.data, self.splits[split]),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=generator,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_generator": self._train_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_generator.set_state(state_dict["train_generator"])
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"

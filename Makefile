@@ -6,7 +6,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.genlab-installed
-ARGS ?=
+# the default job: a CPU-sized recipe of the voxel VAE-GAN (see conf/experiment/)
+ARGS ?= experiment=voxel_vaegan_cpu
 PYTEST_ARGS ?=
 
 .PHONY: install train test lint lock clean-cache help

@@ -26,7 +26,11 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
         return []
     if not isinstance(group, Mapping):
         raise TypeError(f"expected a mapping of configs, got {type(group).__name__}")
-    return [instantiate(node) for node in group.values() if isinstance(node, Mapping) and "_target_" in node]
+    return [
+        instantiate(node)
+        for node in group.values()
+        if isinstance(node, Mapping) and "_target_" in node
+    ]
 
 
 @rank_zero_only
@@ -41,16 +45,27 @@ def apply_extras(cfg: DictConfig) -> None:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
 
 
-def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str, current_run: str | Path | None = None) -> str | None:
+def resolve_ckpt_path(
+    ckpt_path: str | None,
+    log_dir: str | Path,
+    task_name: str,
+    current_run: str | Path | None = None,
+) -> str | None:
     """``last`` -> the newest ``last.ckpt`` among earlier runs of ``task_name``; a path must exist."""
     if ckpt_path in (None, ""):
         return None
     if str(ckpt_path) == "last":
         root = Path(log_dir) / task_name
         current = Path(current_run).resolve() if current_run else None
-        found = [p for p in root.glob("**/checkpoints/last*.ckpt") if current is None or current not in p.resolve().parents]
+        found = [
+            p
+            for p in root.glob("**/checkpoints/last*.ckpt")
+            if current is None or current not in p.resolve().parents
+        ]
         if not found:
-            raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt under {root} to resume from")
+            raise FileNotFoundError(
+                f"ckpt_path=last: no checkpoints/last.ckpt under {root} to resume from"
+            )
         newest = max(found, key=lambda p: p.stat().st_mtime)
         log.info("resuming from %s", newest)
         return str(newest)
@@ -61,7 +76,9 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in sorted(metrics.items()) if getattr(v, "numel", lambda: 1)() == 1}
+    return {
+        k: float(v) for k, v in sorted(metrics.items()) if getattr(v, "numel", lambda: 1)() == 1
+    }
 
 
 @rank_zero_only
@@ -75,8 +92,6 @@ def write_json(path: Path, payload: dict) -> None:
 # ---- train ----------------------------------------------------------------------------------
 def train(cfg: DictConfig) -> dict[str, float]:
     """seed -> datamodule -> model -> callbacks -> loggers -> trainer -> fit -> test -> metrics.json."""
-    from genlab.callbacks.system_monitor import describe_devices
-
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
@@ -90,9 +105,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    log.info("devices: %s", describe_devices(trainer))
 
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, output_dir)
+    ckpt_path = resolve_ckpt_path(
+        cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, output_dir
+    )
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -110,8 +126,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     write_json(output_dir / "metrics.json", metrics)
     log.info("metrics: %s", json.dumps(metrics, indent=1))
     log.info("run directory: %s", output_dir)
-    for lg in loggers:
-        lg.finalize("success")
+    for lg in loggers:  # fit and test share one experiment per logger; close it once, here
+        getattr(lg, "close", lambda lg=lg: lg.finalize("success"))()
     return metrics
 
 
@@ -121,7 +137,9 @@ def optimized_value(cfg: DictConfig, metrics: Mapping[str, float]) -> float | No
     if not name:
         return None
     if name not in metrics:
-        raise KeyError(f"optimized_metric '{name}' was not logged; logged metrics: {sorted(metrics)}")
+        raise KeyError(
+            f"optimized_metric '{name}' was not logged; logged metrics: {sorted(metrics)}"
+        )
     return metrics[name]
 
 

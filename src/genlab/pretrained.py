@@ -17,7 +17,9 @@ def local_path(spec: str | Path | None) -> Path | None:
     return path if path.exists() else None
 
 
-def weights_unavailable(what: str, spec: str, config_key: str, cause: BaseException) -> WeightsUnavailableError:
+def weights_unavailable(
+    what: str, spec: str, config_key: str, cause: BaseException
+) -> WeightsUnavailableError:
     """Build the one-line error shown when ``spec`` cannot be loaded (no network, no local copy)."""
     reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     return WeightsUnavailableError(

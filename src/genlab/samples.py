@@ -40,18 +40,26 @@ class WrittenSample:
     mesh_path: Path | None
 
 
-def write_samples(samples: list[Sample], out_dir: str | Path, mesh_format: str = "obj") -> tuple[list[WrittenSample], Path]:
+def write_samples(
+    samples: list[Sample], out_dir: str | Path, mesh_format: str = "obj"
+) -> tuple[list[WrittenSample], Path]:
     """Write each sample (mesh file + PNG preview) and ``grid.png``; returns what was written and the grid path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written, previews = [], []
     for s in samples:
-        mesh_path = save_mesh(s.mesh, out / f"{s.stem}.{mesh_format.lstrip('.')}") if s.mesh is not None else None
+        mesh_path = (
+            save_mesh(s.mesh, out / f"{s.stem}.{mesh_format.lstrip('.')}")
+            if s.mesh is not None
+            else None
+        )
         preview = s.preview()
         preview_path = out / f"{s.stem}.png"
         preview.save(preview_path)
         previews.append(preview)
         written.append(WrittenSample(s, preview_path, mesh_path))
     grid_path = out / "grid.png"
-    image_grid(previews, labels=[f"{s.prompt or '(no prompt)'} #{s.index}" for s in samples]).save(grid_path)
+    image_grid(previews, labels=[f"{s.prompt or '(no prompt)'} #{s.index}" for s in samples]).save(
+        grid_path
+    )
     return written, grid_path

@@ -38,7 +38,7 @@ class SamplePreviews(pl.Callback):
         self.num_per_prompt = num_per_prompt
         self.seed = seed
         self.mesh_format = mesh_format
-        self._last_epoch: int | None = None
+        self._last_written: int | None = None
 
     def _prompts(self, trainer: pl.Trainer) -> list[str]:
         if self.prompts:
@@ -46,27 +46,46 @@ class SamplePreviews(pl.Callback):
         return list(getattr(trainer.datamodule, "sample_prompts", None) or [""])
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.write(trainer, pl_module)
+        completed = trainer.current_epoch + 1
+        if self.every_n_epochs > 0 and completed % self.every_n_epochs == 0:
+            self.write(trainer, pl_module, completed)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.write(trainer, pl_module)
+        self.write(trainer, pl_module, trainer.current_epoch)
 
     @rank_zero_only
-    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
-        epoch = trainer.current_epoch
-        if self._last_epoch == epoch or trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> Path | None:
+        if (
+            self._last_written == epoch
+            or trainer.sanity_checking
+            or getattr(trainer, "fast_dev_run", False)
+        ):
             return None
-        self._last_epoch = epoch
-        samples = pl_module.sample(self._prompts(trainer), self.num_per_prompt, torch.Generator().manual_seed(self.seed))
-        written, grid_path = write_samples(samples, self.out_dir / f"epoch_{epoch:03d}", self.mesh_format)
+        self._last_written = epoch
+        samples = pl_module.sample(
+            self._prompts(trainer), self.num_per_prompt, torch.Generator().manual_seed(self.seed)
+        )
+        written, grid_path = write_samples(
+            samples, self.out_dir / f"epoch_{epoch:03d}", self.mesh_format
+        )
         from PIL import Image
 
         with Image.open(grid_path) as grid:
             log_image(trainer.loggers, "samples/grid", grid.copy(), trainer.global_step)
         for w in written:
             if w.mesh_path is not None:
-                log_mesh(trainer.loggers, f"samples/{w.sample.stem}", w.sample.mesh, w.mesh_path, trainer.global_step)
+                log_mesh(
+                    trainer.loggers,
+                    f"samples/{w.sample.stem}",
+                    w.sample.mesh,
+                    w.mesh_path,
+                    trainer.global_step,
+                )
         empty = sum(w.mesh_path is None and w.sample.image is None for w in written)
-        log.info("samples of epoch %d written to %s%s", epoch, grid_path.parent, f" ({empty} without a surface)" if empty else "")
+        log.info(
+            "samples of epoch %d written to %s%s",
+            epoch,
+            grid_path.parent,
+            f" ({empty} without a surface)" if empty else "",
+        )
         return grid_path

@@ -28,11 +28,15 @@ def scan(root: Path, categories: list[str] | None = None) -> list[tuple[Path, st
     """(file, category, split) for every mesh; files directly under a category count as train."""
     if not root.is_dir():
         raise FileNotFoundError(f"data.dataset.root={root}: no such folder")
-    found_categories = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found_categories = sorted(
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
     wanted = categories or found_categories
     missing = sorted(set(wanted) - set(found_categories))
     if missing:
-        raise FileNotFoundError(f"{root}: categories {missing} not found (present: {found_categories})")
+        raise FileNotFoundError(
+            f"{root}: categories {missing} not found (present: {found_categories})"
+        )
     items = []
     for category in wanted:
         for path in sorted((root / category).rglob("*")):
@@ -41,7 +45,9 @@ def scan(root: Path, categories: list[str] | None = None) -> list[tuple[Path, st
                 split = rel[0] if len(rel) > 1 and rel[0] in SPLIT_FOLDERS else "train"
                 items.append((path, category, split))
     if not items:
-        raise FileNotFoundError(f"{root}: no mesh files ({', '.join(MESH_EXTENSIONS)}) in categories {wanted}")
+        raise FileNotFoundError(
+            f"{root}: no mesh files ({', '.join(MESH_EXTENSIONS)}) in categories {wanted}"
+        )
     return items
 
 
@@ -85,9 +91,17 @@ class MeshFolderVoxels:
     def _cache_path(self, items: list[tuple[Path, str, str]]) -> Path | None:
         if self.cache_dir is None:
             return None
-        files = [(str(p.relative_to(self.root)), p.stat().st_size, p.stat().st_mtime_ns) for p, _, _ in items]
-        params = {"root": str(self.root.resolve()), "files": files, "voxel_size": self.voxel_size,
-                  "on_bad_file": self.on_bad_file, "version": CACHE_VERSION}
+        files = [
+            (str(p.relative_to(self.root)), p.stat().st_size, p.stat().st_mtime_ns)
+            for p, _, _ in items
+        ]
+        params = {
+            "root": str(self.root.resolve()),
+            "files": files,
+            "voxel_size": self.voxel_size,
+            "on_bad_file": self.on_bad_file,
+            "version": CACHE_VERSION,
+        }
         return self.cache_dir / f"meshes_{cache_key(params)}.npz"
 
     def prepare(self) -> None:
@@ -122,7 +136,13 @@ class MeshFolderVoxels:
             splits.append(split)
             sources.append(str(path.relative_to(self.root)))
         if not grids:
-            raise ValueError(f"{self.root}: every mesh was unreadable ({len(self.skipped)} skipped)")
+            raise ValueError(
+                f"{self.root}: every mesh was unreadable ({len(self.skipped)} skipped)"
+            )
         if self.skipped:
-            log.warning("%d of %d meshes skipped (data.dataset.on_bad_file=skip)", len(self.skipped), len(items))
+            log.warning(
+                "%d of %d meshes skipped (data.dataset.on_bad_file=skip)",
+                len(self.skipped),
+                len(items),
+            )
         return VoxelSet(np.stack(grids), captions, np.asarray(labels), class_names, splits, sources)

@@ -87,7 +87,9 @@ def make_shape(name: str, resolution: int, rng: np.random.Generator) -> tuple[np
 def generate(classes: Sequence[str], num_per_class: int, resolution: int, seed: int) -> VoxelSet:
     """Make ``num_per_class`` shapes of each class, interleaved, deterministic by ``seed``."""
     rng = np.random.default_rng(seed)
-    voxels = np.zeros((len(classes) * num_per_class, resolution, resolution, resolution), dtype=bool)
+    voxels = np.zeros(
+        (len(classes) * num_per_class, resolution, resolution, resolution), dtype=bool
+    )
     captions, labels, sources = [], [], []
     order = [(i, c) for i in range(num_per_class) for c in range(len(classes))]
     for n, (i, c) in enumerate(tqdm(order, desc="synthetic shapes", unit="shape", leave=False)):

@@ -65,13 +65,22 @@ class VoxelDataModule(pl.LightningDataModule):
             return
         data = self.source.load()
         if data.resolution != self.voxel_size:
-            raise ValueError(f"data set grids are {data.resolution}^3 but voxel_size={self.voxel_size}")
+            raise ValueError(
+                f"data set grids are {data.resolution}^3 but voxel_size={self.voxel_size}"
+            )
         self.data = data
         self.splits = self._split(data)
         sizes = {k: len(v) for k, v in self.splits.items()}
-        log.info("voxel data: %d items, %d classes, splits %s", len(data.voxels), len(data.class_names), sizes)
+        log.info(
+            "voxel data: %d items, %d classes, splits %s",
+            len(data.voxels),
+            len(data.class_names),
+            sizes,
+        )
         if sizes["train"] == 0:
-            raise ValueError("the training split is empty: add data or lower val_fraction/test_fraction")
+            raise ValueError(
+                "the training split is empty: add data or lower val_fraction/test_fraction"
+            )
 
     def _split(self, data: VoxelSet) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(self.split_seed)
@@ -79,7 +88,9 @@ class VoxelDataModule(pl.LightningDataModule):
         if self.max_samples is not None and self.max_samples < len(keep):
             keep = np.sort(rng.permutation(keep)[: self.max_samples])
         if data.splits is None:
-            parts = stratified_split(data.labels[keep], self.val_fraction, self.test_fraction, self.split_seed)
+            parts = stratified_split(
+                data.labels[keep], self.val_fraction, self.test_fraction, self.split_seed
+            )
             return {k: keep[v] for k, v in parts.items()}
         fixed = np.asarray(data.splits)[keep]
         train_pool, test = keep[fixed == "train"], keep[fixed == "test"]

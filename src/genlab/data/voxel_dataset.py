@@ -30,7 +30,9 @@ class VoxelSet:
         if self.voxels.ndim != 4 or len({*self.voxels.shape[1:]}) != 1:
             raise ValueError(f"voxels must have shape (N, R, R, R), got {self.voxels.shape}")
         if len(self.captions) != n or len(self.labels) != n:
-            raise ValueError(f"{n} grids but {len(self.captions)} captions and {len(self.labels)} labels")
+            raise ValueError(
+                f"{n} grids but {len(self.captions)} captions and {len(self.labels)} labels"
+            )
         if n == 0:
             raise ValueError("the voxel set is empty")
 
@@ -70,7 +72,9 @@ class VoxelSet:
             flat = np.unpackbits(npz["packed"], axis=1, count=int(np.prod(shape[1:])))
             voxels = flat.reshape(shape).astype(bool)
             labels = npz["labels"]
-        return cls(voxels, meta["captions"], labels, meta["class_names"], meta["splits"], meta["sources"])
+        return cls(
+            voxels, meta["captions"], labels, meta["class_names"], meta["splits"], meta["sources"]
+        )
 
 
 def cache_key(params: dict) -> str:

@@ -30,7 +30,9 @@ class GenerativeModule(pl.LightningModule):
         frozen = tuple(prefix + p for p in self._frozen_prefixes())
         return type(state)((k, v) for k, v in state.items() if not k.startswith(frozen))
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ):
         merged = dict(state_dict)
         for key, value in super().state_dict().items():
             if key.startswith(self._frozen_prefixes()):
@@ -63,8 +65,12 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:200]})") from err
+            raise ValueError(
+                f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:200]})"
+            ) from err
         if "state_dict" not in ckpt:
-            raise ValueError(f"{path}: no 'state_dict' in this checkpoint (keys: {sorted(ckpt)[:8]})")
+            raise ValueError(
+                f"{path}: no 'state_dict' in this checkpoint (keys: {sorted(ckpt)[:8]})"
+            )
         state = ckpt["state_dict"]
     module.load_state_dict(state)

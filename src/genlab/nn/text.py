@@ -81,16 +81,25 @@ class ClipTextEncoder(TextEncoder):
     file; None builds random weights (for shape tests only: the conditioning is then meaningless).
     """
 
-    def __init__(self, model_name: str = "ViT-B-32", pretrained: str | None = None, embed_dim: int = 512) -> None:
+    def __init__(
+        self, model_name: str = "ViT-B-32", pretrained: str | None = None, embed_dim: int = 512
+    ) -> None:
         super().__init__()
         import open_clip
 
         try:
-            model = open_clip.create_model(model_name, pretrained=str(local_path(pretrained) or pretrained) if pretrained else None)
+            model = open_clip.create_model(
+                model_name,
+                pretrained=str(local_path(pretrained) or pretrained) if pretrained else None,
+            )
         except Exception as err:  # noqa: BLE001 - any download/IO failure gets the same clear message
-            raise weights_unavailable(f"open_clip {model_name}", str(pretrained), "model.text_encoder.pretrained", err) from err
+            raise weights_unavailable(
+                f"open_clip {model_name}", str(pretrained), "model.text_encoder.pretrained", err
+            ) from err
         if model.text_projection is not None and model.text_projection.shape[-1] != embed_dim:
-            raise ValueError(f"{model_name} gives {model.text_projection.shape[-1]}-dim text embeddings, config says embed_dim={embed_dim}")
+            raise ValueError(
+                f"{model_name} gives {model.text_projection.shape[-1]}-dim text embeddings, config says embed_dim={embed_dim}"
+            )
         model.visual = None  # text tower only
         self.model = model.requires_grad_(False).eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)

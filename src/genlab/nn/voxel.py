@@ -31,7 +31,10 @@ class DownStack(nn.Sequential):
         prev = in_channels
         for i, ch in enumerate(channels):
             use_bn = use_batch_norm and (norm_first_layer or i > 0)
-            layers += [nn.Conv3d(prev, ch, 4, stride=2, padding=1, bias=not use_bn), _norm(ch, use_bn)]
+            layers += [
+                nn.Conv3d(prev, ch, 4, stride=2, padding=1, bias=not use_bn),
+                _norm(ch, use_bn),
+            ]
             layers.append(nn.LeakyReLU(0.2, inplace=True))
             if dropout_rate > 0:
                 layers.append(nn.Dropout3d(dropout_rate))
@@ -57,7 +60,11 @@ class UpStack(nn.Sequential):
         prev = in_channels
         for i, ch in enumerate(channels):
             last = i == len(channels) - 1
-            layers.append(nn.ConvTranspose3d(prev, ch, 4, stride=2, padding=1, bias=last or not use_batch_norm))
+            layers.append(
+                nn.ConvTranspose3d(
+                    prev, ch, 4, stride=2, padding=1, bias=last or not use_batch_norm
+                )
+            )
             if not last:
                 layers += [_norm(ch, use_batch_norm), nn.ReLU(inplace=True)]
                 if dropout_rate > 0:

@@ -32,7 +32,9 @@ def analyze_text(cfg: DictConfig) -> dict[str, Path]:
     """Embed ``prompts`` with the model's text encoder; write similarity.csv and text_pca.png."""
     prompts = [str(p) for p in cfg.get("prompts") or []]
     if len(prompts) < 2:
-        raise ValueError("task=analyze_text needs at least two prompts: prompts='[a chair,a table]'")
+        raise ValueError(
+            "task=analyze_text needs at least two prompts: prompts='[a chair,a table]'"
+        )
     encoder = instantiate(cfg.model.text_encoder)
     emb = encoder(prompts).cpu().numpy()
     sim = cosine_matrix(emb)
@@ -55,6 +57,12 @@ def analyze_text(cfg: DictConfig) -> dict[str, Path]:
     ax.set_ylabel("PC 2")
     fig.tight_layout()
     fig.savefig(png_path)
-    log.info("cosine similarity:\n%s", "\n".join(f"{p[:24]:24s} " + " ".join(f"{v:5.2f}" for v in row) for p, row in zip(prompts, sim, strict=True)))
+    log.info(
+        "cosine similarity:\n%s",
+        "\n".join(
+            f"{p[:24]:24s} " + " ".join(f"{v:5.2f}" for v in row)
+            for p, row in zip(prompts, sim, strict=True)
+        ),
+    )
     log.info("wrote %s and %s", csv_path, png_path)
     return {"similarity": csv_path, "pca": png_path}

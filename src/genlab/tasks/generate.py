@@ -30,7 +30,9 @@ def generate(cfg: DictConfig, mesh_format: str = "obj") -> list[Path]:
     generator = torch.Generator().manual_seed(int(cfg.seed))
     samples = model.sample(prompts, int(cfg.num_samples), generator)
     written, grid = write_samples(samples, Path(cfg.paths.output_dir) / "samples", mesh_format)
-    files = [w.mesh_path for w in written if w.mesh_path] + [w.preview_path for w in written] + [grid]
+    files = (
+        [w.mesh_path for w in written if w.mesh_path] + [w.preview_path for w in written] + [grid]
+    )
     empty = [w.sample.stem for w in written if w.mesh_path is None and w.sample.image is None]
     if empty:
         log.warning("no surface for %s (try another model.mesh_extraction.level)", ", ".join(empty))

@@ -33,7 +33,9 @@ def model_overrides() -> list[str]:
 def build_model(cfg: DictConfig):
     """Instantiate ``cfg.model`` (or the training run's model config) and load ``cfg.ckpt_path`` into it."""
     if not cfg.get("ckpt_path"):
-        raise ValueError("ckpt_path is required: pass ckpt_path=<run>/checkpoints/last.ckpt (or a .safetensors)")
+        raise ValueError(
+            "ckpt_path is required: pass ckpt_path=<run>/checkpoints/last.ckpt (or a .safetensors)"
+        )
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
     if not ckpt.is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such file")
@@ -45,7 +47,10 @@ def build_model(cfg: DictConfig):
         model_cfg = train_cfg.model
         log.info("model config from the training run of %s", ckpt)
     else:
-        log.warning("no .hydra/config.yaml beside %s: building the model from this command line's config", ckpt)
+        log.warning(
+            "no .hydra/config.yaml beside %s: building the model from this command line's config",
+            ckpt,
+        )
     model = instantiate(model_cfg)
     load_weights(model, ckpt)
     return model.eval()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -28,19 +30,30 @@ class ConditionalVAE(nn.Module):
         num_decoder_layers: int = 4,
         use_batch_norm: bool = True,
         dropout_rate: float = 0.0,
+        occupancy_prior: float = 0.1,
     ) -> None:
+        """``occupancy_prior``: expected fraction of filled voxels; the output bias starts at its logit so
+        training does not begin by collapsing every grid to empty."""
         super().__init__()
+        if not 0 < occupancy_prior < 1:
+            raise ValueError(f"occupancy_prior must be in (0, 1), got {occupancy_prior}")
         self.voxel_size, self.latent_dim, self.cond_dim = voxel_size, latent_dim, cond_dim
         enc_side = _bottleneck(voxel_size, num_encoder_layers, "encoder")
         self.dec_side = _bottleneck(voxel_size, num_decoder_layers, "decoder")
-        self.encoder = DownStack(1, hidden_channels, num_encoder_layers, use_batch_norm, dropout_rate)
+        self.encoder = DownStack(
+            1, hidden_channels, num_encoder_layers, use_batch_norm, dropout_rate
+        )
         enc_features = self.encoder.out_channels * enc_side**3
         self.to_posterior = nn.Linear(enc_features + cond_dim, 2 * latent_dim)
         self.dec_channels = channel_plan(hidden_channels, num_decoder_layers)[-1]
         self.from_latent = nn.Sequential(
-            nn.Linear(latent_dim + cond_dim, self.dec_channels * self.dec_side**3), nn.ReLU(inplace=True)
+            nn.Linear(latent_dim + cond_dim, self.dec_channels * self.dec_side**3),
+            nn.ReLU(inplace=True),
         )
-        self.decoder = UpStack(self.dec_channels, hidden_channels, num_decoder_layers, 1, use_batch_norm, dropout_rate)
+        self.decoder = UpStack(
+            self.dec_channels, hidden_channels, num_decoder_layers, 1, use_batch_norm, dropout_rate
+        )
+        nn.init.constant_(self.decoder[-1].bias, math.log(occupancy_prior / (1 - occupancy_prior)))
 
     def encode(self, voxels: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance, each (B, latent_dim)."""
@@ -67,12 +80,18 @@ class Discriminator(nn.Module):
     """3D-conv discriminator with a projection term for the text condition; returns (B,) logits."""
 
     def __init__(
-        self, voxel_size: int = 32, cond_dim: int = 512, hidden_channels: int = 32, num_layers: int = 4,
+        self,
+        voxel_size: int = 32,
+        cond_dim: int = 512,
+        hidden_channels: int = 32,
+        num_layers: int = 4,
         use_batch_norm: bool = True,
     ) -> None:
         super().__init__()
         side = _bottleneck(voxel_size, num_layers, "discriminator")
-        self.features = DownStack(1, hidden_channels, num_layers, use_batch_norm, norm_first_layer=False)
+        self.features = DownStack(
+            1, hidden_channels, num_layers, use_batch_norm, norm_first_layer=False
+        )
         n = self.features.out_channels * side**3
         self.head = nn.Linear(n, 1)
         self.cond_proj = nn.Linear(cond_dim, n, bias=False)

@@ -18,12 +18,14 @@ def local_path(spec: str | Path | None) -> Path | None:
 
 
 def weights_unavailable(
-    what: str, spec: str, config_key: str, cause: BaseException
+    what: str, spec: str, config_key: str, cause: BaseException, offline_choice: str
 ) -> WeightsUnavailableError:
     """Build the one-line error shown when ``spec`` cannot be loaded (no network, no local copy)."""
-    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    reason = " ".join(str(cause).split()) or type(cause).__name__
+    if len(reason) > 160:
+        reason = reason[:160].rsplit(" ", 1)[0] + " ..."
     return WeightsUnavailableError(
-        f"{what} weights '{spec}' are not available here ({reason[:200]}): download them on a machine "
-        f"with internet access and set {config_key}=/path/to/the/local/copy, or use the offline "
-        f"variant built from config with random weights."
+        f"{what} weights '{spec}' are not available here ({reason}). Download them where there is "
+        f"internet access and set {config_key}=/path/to/the/local/copy, or use {offline_choice}, "
+        f"which needs no downloaded weights."
     )

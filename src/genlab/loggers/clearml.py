@@ -265,6 +265,10 @@ class ClearMLLogger(Logger):
         else:
             self._is_offline = self._resolve_offline()
             Task.set_offline(self._is_offline)
+            if self._detect_repository:
+                # record installed packages with `pip freeze` rather than ClearML's import scan of
+                # the whole repository folder, which walks a local .venv and can take minutes
+                Task.force_requirements_env_freeze(force=True)
             task = Task.init(
                 project_name=self._project_name,
                 task_name=self._task_name,

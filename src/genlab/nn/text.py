@@ -94,7 +94,11 @@ class ClipTextEncoder(TextEncoder):
             )
         except Exception as err:  # noqa: BLE001 - any download/IO failure gets the same clear message
             raise weights_unavailable(
-                f"open_clip {model_name}", str(pretrained), "model.text_encoder.pretrained", err
+                f"open_clip {model_name}",
+                str(pretrained),
+                "model.text_encoder.pretrained",
+                err,
+                "model/text_encoder=hashed_bow",
             ) from err
         if model.text_projection is not None and model.text_projection.shape[-1] != embed_dim:
             raise ValueError(

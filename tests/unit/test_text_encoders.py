@@ -50,3 +50,17 @@ def test_clip_missing_weights_is_one_clear_error(monkeypatch: pytest.MonkeyPatch
     msg = str(info.value)
     assert "laion2b_s34b_b79k" in msg and "model.text_encoder.pretrained=" in msg
     assert "\n" not in msg
+
+
+def test_clip_loads_a_local_checkpoint_file(tmp_path) -> None:
+    import open_clip
+
+    reference = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    path = tmp_path / "clip_vit_b32.pt"
+    torch.save(reference.state_dict(), path)
+    enc = ClipTextEncoder("ViT-B-32", pretrained=str(path), embed_dim=512)
+    tokens = open_clip.get_tokenizer("ViT-B-32")(["a red chair"])
+    with torch.no_grad():
+        expected = reference.encode_text(tokens)
+    expected = expected / expected.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(enc(["a red chair"]), expected, rtol=1e-4, atol=1e-5)

@@ -91,6 +91,19 @@ def test_discriminator_learns_at_its_fraction_of_the_lr() -> None:
     assert opt_d.param_groups[0]["lr"] == pytest.approx(2.5e-4)
 
 
+def test_scheduler_steps_both_optimisers_once_per_epoch(tmp_path) -> None:
+    pl.seed_everything(0)
+    sched = partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    model = tiny_model(lr=1e-3, scheduler=sched)
+    dm = VoxelDataModule(
+        SyntheticShapes(16, 2, ["sphere"], cache_dir=tmp_path), 16, 0.0, 0.0, batch_size=2
+    )
+    fit(model, dm, epochs=3)
+    opt_g, opt_d = model.optimizers()
+    assert opt_g.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**3)
+    assert opt_d.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5**3)
+
+
 def test_wrong_batch_shape_and_mismatched_parts_are_reported() -> None:
     model = tiny_model()
     with pytest.raises(

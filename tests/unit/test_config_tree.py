@@ -121,3 +121,12 @@ def test_unknown_key_is_rejected_by_name(override: str, key: str, tmp_path: Path
 def test_unknown_group_option_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigCompositionException, match="model"):
         compose_config("train", ["model=no_such_method"], tmp_path)
+
+
+def test_scheduler_given_on_the_command_line_is_built(tmp_path: Path) -> None:
+    override = "model.scheduler={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,_partial_:true,T_max:40}"
+    cfg = compose_config("train", [*TINY_VOXEL, override], tmp_path)
+    model = instantiate(cfg.model)
+    (opt_g, opt_d), (sched_g, sched_d) = model.configure_optimizers()
+    assert type(sched_g).__name__ == "CosineAnnealingLR" and sched_g.T_max == 40
+    assert sched_d.optimizer is opt_d

@@ -1,0 +1,271 @@
+"""Caption files: keyed or line-per-file ``.txt``, ``object_id,caption`` CSV, ``metadata.jsonl``.
+
+Every problem raises :class:`CaptionError`, whose message names the file, the 1-based line
+when there is one, and the problem, e.g. ``"captions.csv:7: empty caption for 'chair_01'"``.
+All files are read as UTF-8; a leading byte-order mark is tolerated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+__all__ = [
+    "CaptionError",
+    "read_captions_csv",
+    "read_captions_txt",
+    "read_metadata_jsonl",
+    "require_captions",
+]
+
+_CSV_COLUMNS = ("object_id", "caption")
+_MAX_LISTED = 10
+
+_V = TypeVar("_V")
+
+
+class CaptionError(ValueError):
+    """Captions could not be read or are incomplete; the message names the file and line."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, line: int | None = None):
+        self.path = str(path)
+        self.line = line
+        self.problem = problem
+        where = self.path if line is None else f"{self.path}:{line}"
+        super().__init__(f"{where}: {problem}")
+
+
+def _read_text(path: str | os.PathLike[str]) -> str:
+    """The file as text (UTF-8, optional BOM); undecodable bytes raise with their line."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CaptionError(path, "file not found") from None
+    except OSError as err:
+        raise CaptionError(path, f"cannot read file: {err.strerror or err}") from err
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise CaptionError(
+            path, f"not valid UTF-8: {err.reason} at byte {err.start}", line
+        ) from None
+
+
+def _split_lines(text: str) -> list[str]:
+    """Lines split at ``\\n`` only (``\\r`` removed).
+
+    ``str.splitlines`` would also split at characters such as U+2028 that may appear
+    inside captions.
+    """
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _content_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based number, line) of lines that are neither blank nor ``#`` comments."""
+    for number, line in enumerate(_split_lines(text), start=1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            yield number, line
+
+
+def _add_unique(
+    path: str | os.PathLike[str],
+    out: dict[str, _V],
+    first_line: dict[str, int],
+    key: str,
+    value: _V,
+    line: int,
+    what: str,
+) -> None:
+    """Insert ``key`` into ``out``; a second occurrence raises naming both lines."""
+    if key in out:
+        raise CaptionError(
+            path, f"duplicate {what} {key!r} (lines {first_line[key]} and {line})", line
+        )
+    out[key] = value
+    first_line[key] = line
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# .txt
+# --------------------------------------------------------------------------------------------
+
+
+def read_captions_txt(
+    path: str | os.PathLike[str], file_names: list[str] | None = None
+) -> dict[str, str]:
+    """Read a caption ``.txt`` file into ``{file_name: caption}``.
+
+    Two forms, decided per file: when every line has a TAB, the lines are
+    ``file_name<TAB>caption`` (the keyed form wins, even when ``file_names`` is given;
+    ``file_names`` is then not used and missing captions are left to
+    :func:`require_captions`). Otherwise each line is one caption, matched in order to
+    ``sorted(file_names)``, and the line count must equal the number of files. Blank lines
+    and lines starting with ``#`` are skipped (so a caption cannot start with ``#``);
+    captions are stripped. Raises :class:`CaptionError` for duplicate keys (naming both
+    lines), empty keys or captions and count mismatches.
+    """
+    lines = list(_content_lines(_read_text(path)))
+    if not lines:
+        raise CaptionError(path, "no captions (the file is empty or only has comments)")
+    if all("\t" in text for _, text in lines):
+        return _keyed_captions(path, lines)
+    if file_names is None:
+        number = next(n for n, text in lines if "\t" not in text)
+        raise CaptionError(
+            path,
+            "expected 'file_name<TAB>caption' (no TAB on this line); "
+            "captions one per line need the list of file names",
+            number,
+        )
+    return _ordered_captions(path, lines, file_names)
+
+
+def _keyed_captions(path: str | os.PathLike[str], lines: list[tuple[int, str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for number, text in lines:
+        key, caption = (part.strip() for part in text.split("\t", 1))
+        if not key:
+            raise CaptionError(path, "empty file name before the TAB", number)
+        if not caption:
+            raise CaptionError(path, f"empty caption for {key!r}", number)
+        _add_unique(path, out, first_line, key, caption, number, "file name")
+    return out
+
+
+def _ordered_captions(
+    path: str | os.PathLike[str], lines: list[tuple[int, str]], file_names: list[str]
+) -> dict[str, str]:
+    names = sorted(file_names)
+    if len(set(names)) != len(names):
+        duplicate = next(a for a, b in zip(names[:-1], names[1:], strict=True) if a == b)
+        raise CaptionError(path, f"file name {duplicate!r} is listed twice")
+    if len(lines) != len(names):
+        raise CaptionError(
+            path,
+            f"{len(lines)} caption lines for {len(names)} files "
+            "(one caption per line, in sorted file-name order, is expected)",
+        )
+    return {name: text.strip() for name, (_, text) in zip(names, lines, strict=True)}
+
+
+# --------------------------------------------------------------------------------------------
+# .csv
+# --------------------------------------------------------------------------------------------
+
+
+def read_captions_csv(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read an ``object_id,caption`` CSV (header required) into ``{object_id: caption}``.
+
+    Standard CSV quoting, so captions may hold commas, quotes and newlines; extra columns
+    are ignored; blank rows are skipped; ids and captions are stripped. Raises
+    :class:`CaptionError` (with the line where the row starts) for a missing header,
+    malformed rows, empty ids or captions and duplicate ids.
+    """
+    rows = _csv_rows(path, _read_text(path))
+    header = next(rows, None)
+    if header is None:
+        raise CaptionError(path, "empty file (expected the header 'object_id,caption')")
+    header_line, columns = header
+    names = [c.strip().lower() for c in columns]
+    if not all(c in names for c in _CSV_COLUMNS):
+        raise CaptionError(
+            path,
+            f"expected the header 'object_id,caption', got {_clip(','.join(columns))!r}",
+            header_line,
+        )
+    id_col, caption_col = (names.index(c) for c in _CSV_COLUMNS)
+    out: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for number, row in rows:
+        if len(row) <= max(id_col, caption_col):
+            raise CaptionError(
+                path, f"expected at least {len(names)} fields, got {len(row)}", number
+            )
+        object_id, caption = row[id_col].strip(), row[caption_col].strip()
+        if not object_id:
+            raise CaptionError(path, "empty object_id", number)
+        if not caption:
+            raise CaptionError(path, f"empty caption for {object_id!r}", number)
+        _add_unique(path, out, first_line, object_id, caption, number, "object_id")
+    return out
+
+
+def _csv_rows(path: str | os.PathLike[str], text: str) -> Iterator[tuple[int, list[str]]]:
+    """Non-blank CSV rows of ``text`` with the line number where each starts."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    line_num = 0
+    while True:
+        start = line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise CaptionError(path, f"malformed CSV: {err}", start) from err
+        line_num = reader.line_num
+        if any(field.strip() for field in row):
+            yield start, row
+
+
+# --------------------------------------------------------------------------------------------
+# metadata.jsonl
+# --------------------------------------------------------------------------------------------
+
+
+def read_metadata_jsonl(path: str | os.PathLike[str]) -> dict[str, dict]:
+    """Read a Hugging Face imagefolder ``metadata.jsonl`` into ``{file_name: record}``.
+
+    Each non-blank line is a JSON object with a string ``file_name`` and any other columns
+    (the caption usually under ``"text"``); records are returned whole, so the caller picks
+    the caption column. Raises :class:`CaptionError` naming the line for invalid JSON,
+    non-object lines, a missing or empty ``file_name`` and duplicate file names.
+    """
+    out: dict[str, dict] = {}
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(_split_lines(_read_text(path)), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CaptionError(
+                path, f"invalid JSON: {err.msg} (column {err.colno})", number
+            ) from None
+        if not isinstance(record, dict):
+            raise CaptionError(path, f"expected a JSON object, got {type(record).__name__}", number)
+        name = record.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            raise CaptionError(path, "missing or empty 'file_name'", number)
+        _add_unique(path, out, first_line, name, record, number, "file_name")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Completeness
+# --------------------------------------------------------------------------------------------
+
+
+def require_captions(ids: Iterable[str], captions: Mapping[str, object], source: str) -> None:
+    """Raise :class:`CaptionError` (for ``source``) unless every id has a caption.
+
+    The message gives the number of ids without one and lists up to 10 of them.
+    """
+    ids = list(ids)
+    missing = [i for i in ids if i not in captions]
+    if not missing:
+        return
+    listed = ", ".join(repr(i) for i in missing[:_MAX_LISTED])
+    more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
+    raise CaptionError(source, f"{len(missing)} of {len(ids)} ids have no caption: {listed}{more}")

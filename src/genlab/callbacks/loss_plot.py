@@ -26,7 +26,7 @@ class LossCurves(pl.Callback):
             if key.endswith("_step") or getattr(value, "numel", lambda: 1)() != 1:
                 continue
             name = key.removesuffix("_epoch")
-            if any(p in name for p in self.patterns):
+            if "/" in name and any(p in name for p in self.patterns):  # stage/metric names only
                 self.history[name][trainer.current_epoch] = float(value)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -36,9 +36,12 @@ def tiny_model(r: int = 16, lr: float = 2e-3, **kw) -> VoxelVAEGAN:
     )
 
 
-def fit(model: VoxelVAEGAN, dm: VoxelDataModule, epochs: int) -> pl.Trainer:
+def fit(
+    model: VoxelVAEGAN, dm: VoxelDataModule, epochs: int = -1, max_steps: int = -1
+) -> pl.Trainer:
     trainer = pl.Trainer(
         max_epochs=epochs,
+        max_steps=max_steps,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -58,17 +61,7 @@ def test_one_step_changes_generator_and_discriminator_with_finite_losses(tmp_pat
         SyntheticShapes(16, 4, ["sphere", "box"], cache_dir=tmp_path), 16, 0.0, 0.0, batch_size=8
     )
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(model, datamodule=dm)
-    m = trainer.callback_metrics
+    m = fit(model, dm, max_steps=2).callback_metrics
     for key in (
         "train/loss_recon",
         "train/loss_kl",

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
+from genlab.data.errors import DataFileError
+
 __all__ = [
     "CaptionError",
     "read_captions_csv",
@@ -29,15 +31,8 @@ _MAX_LISTED = 10
 _V = TypeVar("_V")
 
 
-class CaptionError(ValueError):
+class CaptionError(DataFileError):
     """Captions could not be read or are incomplete; the message names the file and line."""
-
-    def __init__(self, path: str | os.PathLike[str], problem: str, line: int | None = None):
-        self.path = str(path)
-        self.line = line
-        self.problem = problem
-        where = self.path if line is None else f"{self.path}:{line}"
-        super().__init__(f"{where}: {problem}")
 
 
 def _read_text(path: str | os.PathLike[str]) -> str:

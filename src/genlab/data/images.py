@@ -18,6 +18,8 @@ from typing import BinaryIO, Literal
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from genlab.data.errors import DataFileError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageReadError",
@@ -53,13 +55,8 @@ _heif_lock = threading.Lock()
 _heif_registered = False
 
 
-class ImageReadError(ValueError):
+class ImageReadError(DataFileError):
     """An image file could not be read; the message names the file and the problem."""
-
-    def __init__(self, path: str | os.PathLike[str], problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 def register_heif() -> None:

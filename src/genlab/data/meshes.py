@@ -17,6 +17,8 @@ from typing import NoReturn
 import numpy as np
 import trimesh
 
+from genlab.data.errors import DataFileError
+
 __all__ = [
     "MESH_EXTENSIONS",
     "MeshReadError",
@@ -35,15 +37,8 @@ _OFF_KEYWORD = re.compile(r"^(ST)?(C)?(N)?(4)?(n)?OFF(?=$|[\s\d+\-.])")
 _Line = tuple[int, list[str]]
 
 
-class MeshReadError(ValueError):
+class MeshReadError(DataFileError):
     """A mesh file could not be read; the message names the file, the line and the problem."""
-
-    def __init__(self, path: str | os.PathLike[str], problem: str, line: int | None = None):
-        self.path = str(path)
-        self.line = line
-        self.problem = problem
-        where = self.path if line is None else f"{self.path}:{line}"
-        super().__init__(f"{where}: {problem}")
 
 
 # --------------------------------------------------------------------------------------------

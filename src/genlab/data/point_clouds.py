@@ -13,6 +13,8 @@ from typing import Literal
 import numpy as np
 import trimesh
 
+from genlab.data.errors import DataFileError
+
 __all__ = [
     "POINT_CLOUD_EXTENSIONS",
     "PointCloudReadError",
@@ -27,13 +29,8 @@ POINT_CLOUD_EXTENSIONS: tuple[str, ...] = (".npy", ".ply", ".xyz", ".txt")
 SampleMethod = Literal["fps", "random"]
 
 
-class PointCloudReadError(ValueError):
+class PointCloudReadError(DataFileError):
     """A point-cloud file could not be read; the message names the file and the problem."""
-
-    def __init__(self, path: str | os.PathLike[str], problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 # --------------------------------------------------------------------------------------------

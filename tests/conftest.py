@@ -16,3 +16,11 @@ def shared_testdata() -> Path:
     if not SHARED_TESTDATA.is_dir():
         pytest.skip(f"../shared/testdata not present: {SHARED_TESTDATA.resolve()} does not exist")
     return SHARED_TESTDATA.resolve()
+
+
+def shared_path(shared_testdata: Path, *parts: str) -> Path:
+    """``shared_testdata/<parts...>``, or skip the test naming what is missing."""
+    path = shared_testdata.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{'/'.join(parts)} not present in ../shared/testdata: {path} does not exist")
+    return path

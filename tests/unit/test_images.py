@@ -13,16 +13,14 @@ from PIL import Image, features
 
 from genlab.data import images
 from genlab.data.images import IMAGE_EXTENSIONS, ImageReadError, read_image, resize_to
+from tests.conftest import shared_path
 
 ORIENTATION = 0x0112
 
 
 @pytest.fixture(scope="module")
 def heif_dir(shared_testdata: Path) -> Path:
-    folder = shared_testdata / "pillow_heif"
-    if not folder.is_dir():
-        pytest.skip(f"pillow_heif test images not present: {folder} does not exist")
-    return folder
+    return shared_path(shared_testdata, "pillow_heif")
 
 
 @pytest.fixture(scope="module")

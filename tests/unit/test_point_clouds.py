@@ -14,22 +14,17 @@ from genlab.data.point_clouds import (
     read_point_cloud,
     resample,
 )
+from tests.conftest import shared_path
 
 
 @pytest.fixture(scope="module")
 def pcu_data(shared_testdata: Path) -> Path:
-    folder = shared_testdata / "point_cloud_utils"
-    if not folder.is_dir():
-        pytest.skip(f"point_cloud_utils test data not present: {folder} does not exist")
-    return folder
+    return shared_path(shared_testdata, "point_cloud_utils")
 
 
 @pytest.fixture(scope="module")
 def trimesh_data(shared_testdata: Path) -> Path:
-    folder = shared_testdata / "trimesh"
-    if not folder.is_dir():
-        pytest.skip(f"trimesh test data not present: {folder} does not exist")
-    return folder
+    return shared_path(shared_testdata, "trimesh")
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,32 @@ def write_json(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+def check_data(datamodule: pl.LightningDataModule, output_dir: Path) -> None:
+    """Validate the data before training: report in the run dir; stop, or list what is skipped.
+
+    The datamodule's ``validate()`` returns a :class:`~genlab.data.validation.ValidationReport`;
+    with ``on_bad_file=error`` any problem stops the run, with ``skip`` the bad files (which the
+    datamodule leaves out) are written to ``skipped_files.csv``.
+    """
+    from genlab.data.validation import write_skip_list
+
+    validate = getattr(datamodule, "validate", None)
+    if validate is None:
+        log.info("%s has no validate(): data not checked", type(datamodule).__name__)
+        return
+    report = validate()
+    log.info("data check:\n%s", report.summary())
+    if rank_zero_only.rank == 0:
+        report.write_json(output_dir / "data_report.json")
+    if report.ok:
+        return
+    if getattr(datamodule, "on_bad_file", "error") != "skip":
+        report.raise_if_bad()
+    if rank_zero_only.rank == 0:
+        path = write_skip_list(report.problems, output_dir / "skipped_files.csv")
+        log.warning("%d bad file(s) left out, listed in %s", len(report.problems), path)
+
+
 # ---- train ----------------------------------------------------------------------------------
 def train(cfg: DictConfig) -> dict[str, float]:
     """seed -> datamodule -> model -> callbacks -> loggers -> trainer -> fit -> test -> metrics.json."""
@@ -98,6 +124,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    if cfg.get("validate_data", True):
+        check_data(datamodule, output_dir)
     model: pl.LightningModule = instantiate(cfg.model)
     callbacks = instantiate_all(cfg.get("callbacks"))
     loggers = instantiate_all(cfg.get("logger"))

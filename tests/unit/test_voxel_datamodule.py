@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from genlab.data.mesh_folder import MeshFolderVoxels, caption_for
-from genlab.data.meshes import MeshReadError
 from genlab.data.splits import stratified_split
 from genlab.data.synthetic_shapes import SyntheticShapes
+from genlab.data.validation import DataValidationError
 from genlab.data.voxel_datamodule import VoxelDataModule
 
 
@@ -116,12 +116,12 @@ def test_malformed_off_stops_with_file_and_line_or_is_skipped(
 ) -> None:
     bad = modelnet_like / "cube" / "train" / "broken.off"
     bad.write_text("OFF\n3 1 0\n0 0 0\n1 0\n0 1 0\n3 0 1 2\n")
-    with pytest.raises(MeshReadError, match=r"broken\.off:4: "):
+    with pytest.raises(DataValidationError, match=r"broken\.off:4: expected 3 vertex coordinates"):
         MeshFolderVoxels(modelnet_like, voxel_size=16).load()
     src = MeshFolderVoxels(modelnet_like, voxel_size=16, on_bad_file="skip")
     data = src.load()
     assert len(data.voxels) == 6
-    assert [Path(p).name for p, _ in src.skipped] == ["broken.off"]
+    assert [Path(p.path).name for p in src.skipped] == ["broken.off:4"]
 
 
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path: Path) -> None:

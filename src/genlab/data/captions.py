@@ -1,4 +1,5 @@
-"""Caption files: keyed or line-per-file ``.txt``, ``object_id,caption`` CSV, ``metadata.jsonl``.
+"""Caption files: keyed or line-per-file ``.txt``, ``object_id,caption`` CSV, ``metadata.jsonl``;
+``metadata.json`` image-to-object links.
 
 Every problem raises :class:`CaptionError`, whose message names the file, the 1-based line
 when there is one, and the problem, e.g. ``"captions.csv:7: empty caption for 'chair_01'"``.
@@ -21,6 +22,7 @@ __all__ = [
     "CaptionError",
     "read_captions_csv",
     "read_captions_txt",
+    "read_metadata_json",
     "read_metadata_jsonl",
     "require_captions",
 ]
@@ -245,6 +247,100 @@ def read_metadata_jsonl(path: str | os.PathLike[str]) -> dict[str, dict]:
             raise CaptionError(path, "missing or empty 'file_name'", number)
         _add_unique(path, out, first_line, name, record, number, "file_name")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# metadata.json (image -> object links)
+# --------------------------------------------------------------------------------------------
+
+
+def read_metadata_json(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read a ``metadata.json`` of image-to-object links into ``{file_name: object_id}``.
+
+    Two forms: ``{"images": [{"file_name": "images/x/000.png", "object_id": "x", ...}, ...]}``
+    (other keys of the records and other top-level keys are ignored) and the plain mapping
+    ``{"images/x/000.png": "x", ...}``. File names are paths relative to the data root, as
+    written. Raises :class:`CaptionError` naming the file and the entry (``images[3]`` or the
+    file name) for invalid JSON, a missing or empty ``file_name``/``object_id``, non-string
+    values and duplicate file names.
+    """
+    text = _read_text(path)
+    try:
+        data = json.loads(text, object_pairs_hook=_pairs_keeping_duplicates)
+    except json.JSONDecodeError as err:
+        raise CaptionError(
+            path, f"invalid JSON: {err.msg} (column {err.colno})", err.lineno
+        ) from None
+    if not isinstance(data, _Pairs):
+        raise CaptionError(path, f"expected a JSON object, got {_json_type(data)}")
+    top = dict(data.pairs)
+    if isinstance(top.get("images"), list):
+        return _links_from_records(path, top["images"])
+    out: dict[str, str] = {}
+    for name, object_id in data.pairs:
+        entry = f"entry {name!r}"
+        if not name.strip():
+            raise CaptionError(path, f"{entry}: empty file name")
+        if not isinstance(object_id, str):
+            raise CaptionError(
+                path, f"{entry}: object id must be a string, got {_json_type(object_id)}"
+            )
+        _add_link(path, out, name, object_id, entry)
+    return out
+
+
+def _links_from_records(path: str | os.PathLike[str], records: list) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for index, record in enumerate(records):
+        entry = f"images[{index}]"
+        if not isinstance(record, _Pairs):
+            raise CaptionError(path, f"{entry}: expected a JSON object, got {_json_type(record)}")
+        fields = dict(record.pairs)
+        for key in ("file_name", "object_id"):
+            if key not in fields:
+                raise CaptionError(path, f"{entry}: missing {key!r}")
+            if not isinstance(fields[key], str):
+                raise CaptionError(
+                    path, f"{entry}: {key!r} must be a string, got {_json_type(fields[key])}"
+                )
+        if not fields["file_name"].strip():
+            raise CaptionError(path, f"{entry}: empty 'file_name'")
+        _add_link(path, out, fields["file_name"], fields["object_id"], entry)
+    return out
+
+
+def _add_link(
+    path: str | os.PathLike[str], out: dict[str, str], name: str, object_id: str, entry: str
+) -> None:
+    if not object_id.strip():
+        raise CaptionError(path, f"{entry}: empty object id")
+    if name in out:
+        where = "" if entry.startswith("entry ") else f"{entry}: "
+        raise CaptionError(path, f"{where}duplicate file name {name!r}")
+    out[name] = object_id
+
+
+class _Pairs:
+    """A JSON object as its (key, value) pairs in file order, duplicate keys kept."""
+
+    def __init__(self, pairs: list[tuple[str, object]]) -> None:
+        self.pairs = pairs
+
+
+def _pairs_keeping_duplicates(pairs: list[tuple[str, object]]) -> _Pairs:
+    return _Pairs(pairs)
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, _Pairs):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return "a number" if isinstance(value, (int, float)) else "a string"
 
 
 # --------------------------------------------------------------------------------------------

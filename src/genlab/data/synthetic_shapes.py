@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from genlab.data.validation import Problem, ValidationReport
 from genlab.data.voxel_dataset import VoxelSet, cache_key
 from genlab.geometry.voxelize import voxel_centers
 
@@ -101,7 +102,12 @@ def generate(classes: Sequence[str], num_per_class: int, resolution: int, seed: 
 
 
 class SyntheticShapes:
-    """Config-facing source of the synthetic data set; ``load()`` generates or reads the cache."""
+    """Config-facing source of the synthetic data set; ``load()`` generates or reads the cache.
+
+    Generated data has no bad files: ``on_bad_file`` is ``"error"`` and ``skipped`` stays empty.
+    """
+
+    on_bad_file: str = "error"
 
     def __init__(
         self,
@@ -124,6 +130,7 @@ class SyntheticShapes:
             "version": CACHE_VERSION,
         }
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.skipped: list[Problem] = []
 
     @property
     def cache_path(self) -> Path | None:
@@ -145,6 +152,16 @@ class SyntheticShapes:
         if path is not None:
             data.save(path)
         return data
+
+    def validate(self) -> ValidationReport:
+        """Counts per class (nothing is generated; generated shapes have no problems, no fixed split)."""
+        p = self.params
+        report = ValidationReport("synthetic_shapes")
+        report.count("shapes", len(p["classes"]) * p["num_per_class"])
+        report.count("classes", len(p["classes"]))
+        for name in p["classes"]:
+            report.count(f"{name} shapes", p["num_per_class"])
+        return report
 
     def _generate(self) -> VoxelSet:
         p = self.params

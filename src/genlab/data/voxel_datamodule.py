@@ -11,17 +11,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from genlab.data.splits import stratified_split
+from genlab.data.validation import Problem, ValidationReport, check_bad_file_policy
 from genlab.data.voxel_dataset import VoxelCaptionDataset, VoxelSet
 
 log = logging.getLogger(__name__)
 
 
 class VoxelSource(Protocol):
-    """What a voxel data source provides: ``prepare()`` (cache, one process) and ``load()``."""
+    """What a voxel data source provides: ``prepare()`` (cache, one process), ``load()`` and
+    ``validate()`` (counts and bad files, without raising for them)."""
 
     def prepare(self) -> None: ...
 
     def load(self) -> VoxelSet: ...
+
+    def validate(self) -> ValidationReport: ...
 
 
 class VoxelDataModule(pl.LightningDataModule):
@@ -29,6 +33,9 @@ class VoxelDataModule(pl.LightningDataModule):
 
     The training order is drawn from the module's own generator (its state is checkpointed), so a
     resumed run sees the same batches as an uninterrupted one.
+
+    ``on_bad_file`` (``"error"`` or ``"skip"``; None keeps the source's own) is handed to the
+    source; ``skipped`` lists what the source left out.
     """
 
     def __init__(
@@ -42,6 +49,7 @@ class VoxelDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         max_samples: int | None = None,
         sample_prompts: list[str] | None = None,
+        on_bad_file: str | None = None,
     ) -> None:
         super().__init__()
         self.source = dataset
@@ -56,20 +64,64 @@ class VoxelDataModule(pl.LightningDataModule):
         self.data: VoxelSet | None = None
         self.splits: dict[str, np.ndarray] = {}
         self._train_generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+        if on_bad_file is not None:
+            self.on_bad_file = on_bad_file
+
+    @property
+    def on_bad_file(self) -> str:
+        """The source's bad-file policy: ``"error"`` or ``"skip"``."""
+        return getattr(self.source, "on_bad_file", "error")
+
+    @on_bad_file.setter
+    def on_bad_file(self, value: str) -> None:
+        self.source.on_bad_file = check_bad_file_policy(value)  # type: ignore[attr-defined]
+
+    @property
+    def skipped(self) -> list[Problem]:
+        """Files the source left out (``on_bad_file="skip"``), each with its reason."""
+        return list(getattr(self.source, "skipped", []))
 
     def prepare_data(self) -> None:
         self.source.prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        if self.data is not None:
-            return
-        data = self.source.load()
+        self._load()
+        if len(self.splits["train"]) == 0:
+            raise ValueError(_EMPTY_TRAIN)
+
+    def validate(self) -> ValidationReport:
+        """The source's report with the split sizes this module will use (train/val/test).
+
+        Does not raise for bad files. With ``on_bad_file="error"`` and bad files the data is
+        not loaded and the splits stay those the source reports.
+        """
+        report = self.source.validate()
+        if not report.ok and self.on_bad_file == "error":
+            return report
+        if self.data is None:
+            try:
+                data = self.source.load()
+            except ValueError as err:  # e.g. every file bad with skip: nothing to split
+                report.add(report.dataset, str(err))
+                return report
+            self._use(data)
+        report.splits = {k: len(v) for k, v in self.splits.items()}
+        if len(self.splits["train"]) == 0:
+            report.add(report.dataset, _EMPTY_TRAIN)
+        return report
+
+    def _load(self) -> None:
+        """Read the source and split it (once)."""
+        if self.data is None:
+            self._use(self.source.load())
+
+    def _use(self, data: VoxelSet) -> None:
         if data.resolution != self.voxel_size:
             raise ValueError(
                 f"data set grids are {data.resolution}^3 but voxel_size={self.voxel_size}"
             )
-        self.data = data
         self.splits = self._split(data)
+        self.data = data
         sizes = {k: len(v) for k, v in self.splits.items()}
         log.info(
             "voxel data: %d items, %d classes, splits %s",
@@ -77,10 +129,6 @@ class VoxelDataModule(pl.LightningDataModule):
             len(data.class_names),
             sizes,
         )
-        if sizes["train"] == 0:
-            raise ValueError(
-                "the training split is empty: add data or lower val_fraction/test_fraction"
-            )
 
     def _split(self, data: VoxelSet) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(self.split_seed)
@@ -138,6 +186,9 @@ class VoxelDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._train_generator.set_state(state_dict["train_generator"])
+
+
+_EMPTY_TRAIN = "the training split is empty: add data or lower val_fraction/test_fraction"
 
 
 def _article(word: str) -> str:

@@ -101,3 +101,39 @@ class VoxelCaptionDataset(Dataset):
             "label": label,
             "class_name": self.data.class_names[label],
         }
+
+
+class VoxelFile:
+    """Config-facing source of a prepared voxel file (``genlab.pipeline`` prepare writes it)."""
+
+    on_bad_file = "error"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.skipped: list = []
+
+    def prepare(self) -> None:
+        self._check()
+
+    def load(self) -> VoxelSet:
+        self._check()
+        try:
+            return VoxelSet.load(self.path)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"{self.path}: not a readable voxel file ({err})") from err
+
+    def validate(self):
+        """Counts of the prepared file (its problems were reported when it was prepared)."""
+        from genlab.data.validation import ValidationReport
+
+        data = self.load()
+        report = ValidationReport(str(self.path))
+        report.count("shapes", len(data.voxels))
+        report.count("classes", len(data.class_names))
+        return report
+
+    def _check(self) -> None:
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"{self.path}: no prepared voxel file (run `dvc repro prepare` first)"
+            )

@@ -147,7 +147,7 @@ def prepare(params: DictConfig, repo_root: Path = Path(".")) -> Path:
         report.raise_if_bad("set prepare.on_bad_file=skip to leave them out")
     write_skip_list(report.problems, tmp / "skipped_files.csv")
 
-    objects = _objects(raw, skip=set(checker.skipped))
+    objects = _objects(raw, skip={p.path for p in checker.skipped})
     voxels = _voxelise(objects, int(cfg.voxel_size))
     _resample_points(raw, objects, tmp / "points", int(cfg.num_points), str(cfg.point_sampling))
     _convert_images(raw, objects, tmp / "images", int(cfg.image_size))

@@ -268,7 +268,7 @@ def test_bad_object_is_an_error(root: Path, kind: str) -> None:
 def test_bad_object_is_skipped(root: Path, kind: str) -> None:
     _, message = bad(root, kind)
     dm = module(root, on_bad_file="skip")
-    assert dm.skipped == [("ball", message)]
+    assert [(p.path, p.reason) for p in dm.skipped] == [("ball", message)]
     assert dm.splits == {"train": ["pebble"], "val": ["brick"]}  # the split of all three
     assert [o.object_id for o in dm.train_dataset.objects] == ["pebble"]
 

@@ -138,7 +138,7 @@ def test_clean_layout_report_and_batches(root: Path, tmp_path: Path) -> None:
         "latents": 0,
     }
     assert dm.report.splits == {"train": 4, "val": 1, "test": 1}
-    assert dm.skipped == []
+    assert [p.path for p in dm.skipped] == []
 
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"object_id", "caption", "points", "point_colors", "image"}
@@ -269,7 +269,13 @@ def test_broken_files_report(root: Path, tmp_path: Path, shared_testdata: Path) 
         "captions": 9,
         "latents": 0,
     }
-    assert dm.skipped == ["ghost", "sphere_0000", "sphere_0001", "torus_0000", "tree"]
+    assert [p.path for p in dm.skipped] == [
+        "ghost",
+        "sphere_0000",
+        "sphere_0001",
+        "torus_0000",
+        "tree",
+    ]
     with pytest.raises(DataValidationError) as info:
         dm.setup()
     message = str(info.value)
@@ -289,7 +295,13 @@ def test_broken_files_skipped(root: Path, tmp_path: Path, shared_testdata: Path)
         test_fraction=0.0,
     )
     dm.setup()
-    assert dm.skipped == ["ghost", "sphere_0000", "sphere_0001", "torus_0000", "tree"]
+    assert [p.path for p in dm.skipped] == [
+        "ghost",
+        "sphere_0000",
+        "sphere_0001",
+        "torus_0000",
+        "tree",
+    ]
     items = {it["object_id"]: it for it in dm.dataset("train")}
     assert sorted(items) == ["bunny", "sphere_0002", "torus_0001", "torus_0002"]
     # the (3, N) file is read transposed; the bunny PLY has no colours
@@ -305,7 +317,7 @@ def test_text_mode_without_captions_file(root: Path, tmp_path: Path) -> None:
     dm = module(root, tmp_path, on_bad_file="skip")
     dm.validate()
     assert lines(dm) == [f"{root}/captions.csv: file not found"]
-    assert dm.skipped == IDS
+    assert [p.path for p in dm.skipped] == IDS
     with pytest.raises(ValueError, match="no usable objects"):
         dm.setup()
 
@@ -323,7 +335,7 @@ def test_image_mode_links_from_metadata(root: Path, tmp_path: Path) -> None:
         f"{root}/metadata.json: image 'images/torus_0002/001.png' of object 'torus_0002' not found",
         f"{root}/images/torus_0002: no images for object 'torus_0002'",
     ]
-    assert dm.skipped == ["torus_0002"]
+    assert [p.path for p in dm.skipped] == ["torus_0002"]
     item = dm.dataset("train")[0]
     assert set(item) == {"object_id", "caption", "image"} and item["caption"] == ""
     assert dm.sample_prompts == []

@@ -68,7 +68,12 @@ from genlab.data.images import (
     register_heif,
     resize_to,
 )
-from genlab.data.validation import ValidationReport, check_bad_file_policy, check_files
+from genlab.data.validation import (
+    Problem,
+    ValidationReport,
+    check_bad_file_policy,
+    check_files,
+)
 
 __all__ = [
     "BACKGROUNDS",
@@ -480,7 +485,7 @@ class MultiViewDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.on_bad_file = check_bad_file_policy(on_bad_file)
-        self.skipped: list[tuple[str, str]] = []
+        self.skipped: list[Problem] = []
         self.splits: dict[str, list[str]] = {}
         self.train_dataset: MultiViewDataset | None = None
         self.val_dataset: MultiViewDataset | None = None
@@ -512,7 +517,7 @@ class MultiViewDataModule(pl.LightningDataModule):
             except DataFileError as err:
                 if self.on_bad_file == "error":
                     raise
-                self.skipped.append((object_id, str(err)))
+                self.skipped.append(Problem(object_id, str(err)))
         if self.skipped:
             log.warning(
                 "%d of %d objects skipped (data.on_bad_file=skip)", len(self.skipped), len(ids)

@@ -39,7 +39,7 @@ import logging
 import os
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from genlab.data.meshes import MESH_EXTENSIONS
 from genlab.data.point_clouds import POINT_CLOUD_EXTENSIONS, read_point_cloud, resample
 from genlab.data.splits import stratified_split
 from genlab.data.validation import (
+    Problem,
     ValidationReport,
     check_bad_file_policy,
     check_files,
@@ -291,16 +292,34 @@ class _Check:
 
     report: ValidationReport
     bad: set[str] = field(default_factory=set)
+    reasons: dict[str, list[str]] = field(default_factory=dict)
 
     def flag(self, object_id: str, path: str | os.PathLike[str], reason: str) -> None:
         self.report.add(path, reason)
-        self.bad.add(object_id)
+        self.mark(object_id, f"{Path(path).name}: {reason}")
 
     def files(self, owners: dict[Path, str], read: Callable[[Path], object], desc: str) -> None:
         """Read the files of objects not flagged yet; flag the owners of unreadable ones."""
         paths = sorted(p for p, object_id in owners.items() if object_id not in self.bad)
+        first_new = len(self.report.problems)
         good = set(check_files(paths, read, self.report, desc))
-        self.bad.update(owners[p] for p in paths if p not in good)
+        by_path = {str(p): owners[p] for p in paths}
+        for problem in self.report.problems[first_new:]:
+            owner = by_path.get(problem.path) or by_path.get(problem.path.rsplit(":", 1)[0])
+            if owner is not None:
+                self.mark(owner, f"{Path(problem.path).name}: {problem.reason}")
+        for p in paths:
+            if p not in good and owners[p] not in self.reasons:
+                self.mark(owners[p], f"{p.name}: unreadable")
+
+    def mark(self, object_id: str, reason: str) -> None:
+        self.bad.add(object_id)
+        self.reasons.setdefault(object_id, []).append(reason)
+
+    def skipped(self, ids: Iterable[str]) -> list[Problem]:
+        """One :class:`Problem` per bad object among ``ids`` (path: the object id)."""
+        wanted = set(ids)
+        return [Problem(i, "; ".join(self.reasons[i])) for i in sorted(self.bad & wanted)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +334,7 @@ class ObjaverseDataModule(pl.LightningDataModule):
     ``"first"`` or a view name (that view everywhere). Splits are seeded and written to
     ``split_file`` (reused when it exists: ids no longer usable are dropped, objects absent
     from it are left out, both with a warning). ``on_bad_file=skip`` drops the objects with
-    problems and lists their ids in :attr:`skipped`. The training order is drawn from the
+    problems and lists them in :attr:`skipped` (a Problem per object, path = object id). The training order is drawn from the
     module's own generator (checkpointed), so a resumed run sees the same batches.
     """
 
@@ -374,7 +393,7 @@ class ObjaverseDataModule(pl.LightningDataModule):
         self._sample_prompts = list(sample_prompts) if sample_prompts else None
         self.report: ValidationReport | None = None
         self.objects: list[ObjaverseObject] = []
-        self.skipped: list[str] = []
+        self.skipped: list[Problem] = []
         self.splits: dict[str, list[ObjaverseObject]] = {}
         self._split_ids: dict[str, list[str]] = {}
         self._train_generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
@@ -384,8 +403,8 @@ class ObjaverseDataModule(pl.LightningDataModule):
     def validate(self) -> ValidationReport:
         """Count what the folder holds, check the files this configuration reads, split.
 
-        Fills :attr:`objects` (usable objects, sorted by id) and :attr:`skipped` (ids of
-        objects with problems) and returns the report; raises nothing for bad data.
+        Fills :attr:`objects` (usable objects, sorted by id) and :attr:`skipped` (one
+        :class:`Problem` per object with problems, path = object id) and returns the report; raises nothing for bad data.
         """
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.root={self.root}: no such folder")
@@ -401,7 +420,7 @@ class ObjaverseDataModule(pl.LightningDataModule):
         self._check_presence(found, check)
         self._check_files(found, check)
 
-        self.skipped = sorted(check.bad & set(found.ids))
+        self.skipped = check.skipped(found.ids)
         self.objects = [
             ObjaverseObject(
                 object_id,
@@ -494,7 +513,9 @@ class ObjaverseDataModule(pl.LightningDataModule):
         for object_id in found.ids:
             if self.mode == "text":
                 if found.captions is None:
-                    check.bad.add(object_id)  # captions.csv itself is reported
+                    check.mark(
+                        object_id, "captions.csv is unreadable"
+                    )  # reported once, for the file
                 elif object_id not in found.captions:
                     check.flag(object_id, captions_path, f"no caption for object {object_id!r}")
             if "points" in self.load and object_id not in found.points:

@@ -79,6 +79,13 @@ def fill_placeholders(text: str, instance_token: str, class_word: str) -> str:
     return text.replace("{instance_token}", instance_token).replace("{class_word}", class_word)
 
 
+def _has_images(folder: Path) -> bool:
+    return folder.is_dir() and any(
+        p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        for p in folder.iterdir()
+    )
+
+
 def list_images(folder: Path, key: str) -> list[Path]:
     """Image files directly in ``folder`` (hidden files left out), sorted by name.
 
@@ -443,9 +450,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
         Raises :class:`FileNotFoundError` when ``instance_dir`` (or ``class_dir``) is missing
         or holds no images.
         """
-        return self._inspect()[0]
+        return self._inspect(require_class_images=False)[0]
 
-    def _inspect(self) -> tuple[ValidationReport, _Plan]:
+    def _inspect(self, require_class_images: bool = True) -> tuple[ValidationReport, _Plan]:
         report = ValidationReport(f"dreambooth {self.instance_dir}")
         plan = _Plan()
         paths = list_images(self.instance_dir, "data.instance_dir")
@@ -482,7 +489,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
             skip(problem.path, problem.reason, Path(problem.path))
 
         if self.class_dir is not None:
-            plan.class_items = self._class_items_checked(report, skip, fatal)
+            plan.class_items = self._class_items_checked(
+                report, skip, fatal, required=require_class_images
+            )
 
         usable = [p for p in paths if p in cached and p not in left_out and p.name in prompts]
         plan.items = {p.name: _Item(p.name, prompts[p.name], cached[p]) for p in usable}
@@ -535,9 +544,20 @@ class DreamBoothDataModule(pl.LightningDataModule):
         return prompts
 
     def _class_items_checked(
-        self, report: ValidationReport, skip: _Skip, fatal: _Fatal
+        self, report: ValidationReport, skip: _Skip, fatal: _Fatal, required: bool = True
     ) -> list[_Item]:
+        """The class images; before ``setup`` (``required=False``) the folder may still be missing
+        or empty: prior preservation generates them in the model's ``prepare_data``, which
+        Lightning runs after the datamodule's and before ``setup``."""
         assert self.class_dir is not None
+        if not required and not _has_images(self.class_dir):
+            report.count("class images", 0)
+            log.info(
+                "data.class_dir=%s has no images yet: they must be generated before setup "
+                "(model.prior_preservation) or put there",
+                self.class_dir,
+            )
+            return []
         found = list_images(self.class_dir, "data.class_dir")
         paths = found[: self.num_class_images]
         report.count("class images", len(paths))

@@ -548,6 +548,7 @@ def test_validation_logs_loss_writes_samples_and_calls_the_metric_seam(
         tok_dir,
         "model.validation.prompts=[a photo of sksToy toy,a sksToy toy on a beach]",
         "model.validation.num_images=2",
+        "model.validation.baseline=false",  # the base-model scores: tests/unit/test_lora_metrics.py
     )
     model.metrics = scorer
     t = trainer(tmp_path, limit_val_batches=None, num_sanity_val_steps=1)

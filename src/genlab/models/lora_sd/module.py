@@ -29,6 +29,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from genlab.metrics.fidelity_report import (
+    FidelityValues,
+    fidelity_values,
+    write_fidelity_csv,
+    write_fidelity_json,
+)
 from genlab.models.base import GenerativeModule
 from genlab.models.lora_sd import lora as lora_io
 from genlab.models.lora_sd.components import (
@@ -71,8 +77,11 @@ _VALIDATION_DEFAULTS: dict[str, Any] = {
     "steps": 25,
     "guidance": 7.5,
     "negative_prompt": None,
+    "baseline": True,
 }
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif")
+_UNSET: Any = object()
+BASELINE_FILE = "baseline_metrics.json"
 
 
 def _options(
@@ -177,7 +186,9 @@ class LoRADreamBooth(GenerativeModule):
         prior_preservation: enabled, class_prompt, num_class_images, prior_loss_weight,
             class_dir, and how class images are sampled (sample_batch_size, steps, guidance, seed).
         validation: prompts (null: the datamodule's ``sample_prompts``), num_images, seed,
-            steps, guidance, negative_prompt; used by :meth:`sample` too.
+            steps, guidance, negative_prompt (used by :meth:`sample` too), and baseline: with
+            ``metrics``, also score the base model (LoRA off) once per run on the same prompts
+            and seeds (see :meth:`write_validation_samples`).
         sample_scheduler: ``_partial_`` called with the noise scheduler's config (e.g.
             ``diffusers.DPMSolverMultistepScheduler.from_config``); null: the noise scheduler.
         gradient_checkpointing: on the UNet (and trained text encoders).
@@ -185,8 +196,11 @@ class LoRADreamBooth(GenerativeModule):
             a GPU (bf16-mixed -> bfloat16, 16-mixed -> float16), float32 elsewhere.
         export_format: files :meth:`export_weights` writes beside ``model.safetensors``.
         metrics: optional scorer called as ``metrics(images=, prompts=, references=)`` after
-            validation sampling (e.g. :class:`genlab.metrics.image_similarity.SubjectFidelity`);
-            its scalars are logged as ``val/<name>``. None: no metric.
+            validation sampling (e.g. :class:`genlab.metrics.image_similarity.SubjectFidelity`,
+            ``model/metrics=subject_fidelity``); the references are the held-out val photos.
+            Its means are logged as ``val/<name>`` (the base model's as
+            ``val/baseline_<name>``), per-prompt values go to
+            ``samples/step_XXXXXX/metrics.csv``. None: no metric.
         seed: seed of the noise streams (null: ``torch.initial_seed()``, i.e. the run's seed).
     """
 
@@ -299,11 +313,14 @@ class LoRADreamBooth(GenerativeModule):
         self.frozen_modules = tuple(
             name for name in ("vae", *lora_io.TEXT_ENCODER_NAMES) if name not in self.adapted
         )
-        self.metrics = metrics
-        if isinstance(metrics, torch.nn.Module):
-            metrics.requires_grad_(False)
+        self.metrics = _check_scorer(metrics)
+        if isinstance(self.metrics, torch.nn.Module):
+            self.metrics.requires_grad_(False)
         self._references: list[Image.Image] = []
         self._collecting: list[Image.Image] = []
+        self._val_split_references: list[Image.Image] | None = None
+        self._baseline: FidelityValues | None = None
+        self._warned_no_references = False
         self._warned_class_batch = False
 
     # ---- properties ----------------------------------------------------------------------
@@ -563,41 +580,135 @@ class LoRADreamBooth(GenerativeModule):
             return
         self.write_validation_samples()
 
+    def reference_images(self) -> list[Image.Image]:
+        """The held-out photos that validation samples are scored against.
+
+        The datamodule's whole val split when it has one (read once, at the model's
+        resolution with the val centre crop: every photo, also under DDP where this process
+        validates only its shard); else the val batches this process saw in the last
+        validation. The same list object is returned while it does not change, so a scorer
+        may cache its features.
+        """
+        if self._val_split_references is None:
+            self._val_split_references = self._read_val_split() or []
+        return self._val_split_references or self._references
+
+    def _read_val_split(self) -> list[Image.Image] | None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            return None
+        dataset = getattr(datamodule.val_dataloader(), "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
+            return None
+        images = []
+        for i in range(len(dataset)):
+            item = dataset[i]
+            pixels = item.get("pixel_values") if isinstance(item, Mapping) else None
+            if not torch.is_tensor(pixels) or pixels.dim() != 3:
+                return None
+            images += _to_pil(pixels.unsqueeze(0))
+        log.info("validation metrics: %d held-out photo(s) as references", len(images))
+        return images
+
+    def _validation_samples(self, prompts: Sequence[str]) -> list[Sample]:
+        """``validation.num_images`` per prompt; prompt ``i`` from seed ``validation.seed + i``."""
+        n = int(self.validation["num_images"])
+        pipe = self.pipeline()
+        samples: list[Sample] = []
+        for i, prompt in enumerate(prompts):
+            generator = torch.Generator().manual_seed(int(self.validation["seed"]) + i)
+            images = self.generate([prompt], generator, n, pipe=pipe)
+            samples += [Sample(prompt, k, image=img) for k, img in enumerate(images)]
+        return samples
+
     def write_validation_samples(self) -> Path:
-        """Sample ``validation_prompts`` with fixed seeds into ``samples/step_XXXXXX/`` and log the grid."""
+        """Sample ``validation_prompts`` with fixed seeds into ``samples/step_XXXXXX/`` and log the grid.
+
+        With ``metrics``, the samples are scored against :meth:`reference_images`: the means
+        are logged as ``val/<name>`` and the per-prompt values written to ``metrics.csv`` in
+        the same folder. With ``validation.baseline`` the base model (adapters off) is
+        sampled and scored once per run, with the same prompts and seeds (its images in
+        ``samples/baseline/``, its scores in ``baseline_metrics.json``); its means are
+        logged as ``val/baseline_<name>`` at every validation and its per-prompt values fill
+        the ``baseline_*`` columns of ``metrics.csv``. Call on rank 0 only.
+        """
         from genlab.loggers.media import log_image
         from genlab.samples import write_samples
 
         prompts = self.validation_prompts()
-        n = int(self.validation["num_images"])
-        samples: list[Sample] = []
-        for i, prompt in enumerate(prompts):
-            generator = torch.Generator().manual_seed(int(self.validation["seed"]) + i)
-            samples += self.sample([prompt], n, generator)
+        samples = self._validation_samples(prompts)
         step = self.global_step
         out = Path(self.trainer.default_root_dir) / "samples" / f"step_{step:06d}"
         _, grid_path = write_samples(samples, out)
         with Image.open(grid_path) as grid:
             log_image(self.trainer.loggers, "val/samples", grid.copy(), step)
         log.info("validation samples of step %d written to %s", step, out)
-        if self.metrics is not None and self._references:
-            self._log_metric_scores(samples)
-        return out
-
-    def _log_metric_scores(self, samples: list[Sample]) -> None:
-        scores = self.metrics(
-            images=[s.image for s in samples],
-            prompts=[s.prompt for s in samples],
-            references=self._references,
-        )
-        values = scores.as_dict() if hasattr(scores, "as_dict") else dict(scores)
-        scalars = {
-            f"val/{k}": float(v)
-            for k, v in values.items()
-            if isinstance(v, int | float) or (torch.is_tensor(v) and v.numel() == 1)
-        }
+        if self.metrics is None:
+            return out
+        references = self.reference_images()
+        if not references:
+            if not self._warned_no_references:
+                self._warned_no_references = True
+                log.warning("validation metrics: no val photos to score against; none logged")
+            return out
+        baseline = None
+        if self.validation["baseline"]:
+            baseline = self.baseline_scores(prompts, references)
+        scores = self.score(samples, references)
+        scalars = {f"val/{k}": v for k, v in scores.means.items()}
+        if baseline is not None:
+            scalars |= {f"val/baseline_{k}": v for k, v in baseline.means.items()}
         if scalars:
             self.log_dict(scalars, rank_zero_only=True)
+        write_fidelity_csv(out / "metrics.csv", scores, baseline)
+        return out
+
+    def score(self, samples: Sequence[Sample], references: Sequence[Image.Image]) -> FidelityValues:
+        """``metrics`` of ``samples`` (image + prompt) against ``references``."""
+        if self.metrics is None:
+            raise ValueError("no scorer: set model.metrics (e.g. model/metrics=subject_fidelity)")
+        result = self.metrics(
+            images=[s.image for s in samples],
+            prompts=[s.prompt for s in samples],
+            references=references,
+        )
+        return fidelity_values(result)
+
+    def baseline_scores(
+        self, prompts: Sequence[str], references: Sequence[Image.Image]
+    ) -> FidelityValues:
+        """Scores of the base model (adapters off) for ``prompts``: computed on the first call,
+        with the validation seeds, then reused; images and ``baseline_metrics.json`` written
+        into the run directory."""
+        if self._baseline is not None:
+            return self._baseline
+        from genlab.loggers.media import log_image
+        from genlab.samples import write_samples
+
+        with self.adapters_disabled():
+            samples = self._validation_samples(prompts)
+        root = Path(self.trainer.default_root_dir)
+        _, grid_path = write_samples(samples, root / "samples" / "baseline")
+        with Image.open(grid_path) as grid:
+            log_image(self.trainer.loggers, "val/baseline_samples", grid.copy(), self.global_step)
+        self._baseline = self.score(samples, references)
+        write_fidelity_json(
+            root / BASELINE_FILE,
+            self._baseline,
+            extra={
+                "model": "base (LoRA adapters disabled)",
+                "step": self.global_step,
+                "prompts": list(prompts),
+                "seed": int(self.validation["seed"]),
+                "num_images_per_prompt": int(self.validation["num_images"]),
+            },
+        )
+        log.info(
+            "base model without LoRA: %s (%s)",
+            ", ".join(f"{k} {v:.4f}" for k, v in self._baseline.means.items()),
+            root / BASELINE_FILE,
+        )
+        return self._baseline
 
     # ---- sampling ------------------------------------------------------------------------
     def pipeline(self) -> Any:
@@ -616,6 +727,23 @@ class LoRADreamBooth(GenerativeModule):
         finally:
             lora_io.set_adapters_enabled(self.adapted, True)
 
+    @contextlib.contextmanager
+    def lora_scaled(self, scale: float) -> Iterator[None]:
+        """Inside the block every LoRA update is multiplied by ``scale`` (0: the base model's
+        outputs, 1: as trained); the trained scale alpha/rank is restored afterwards."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = [
+            m for part in self.adapted.values() for m in part.modules() if isinstance(m, LoraLayer)
+        ]
+        for layer in layers:
+            layer.set_scale(lora_io.ADAPTER, float(scale))
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.set_scale(lora_io.ADAPTER, 1.0)
+
     @torch.no_grad()
     def generate(
         self,
@@ -625,9 +753,19 @@ class LoRADreamBooth(GenerativeModule):
         steps: int | None = None,
         guidance: float | None = None,
         pipe: Any = None,
+        negative_prompt: str | None = _UNSET,
+        height: int | None = None,
+        width: int | None = None,
     ) -> list[Image.Image]:
-        """Images for ``prompts`` (prompt-major), at ``resolution``, in eval mode."""
+        """Images for ``prompts`` (prompt-major), in eval mode.
+
+        ``steps``, ``guidance`` and ``negative_prompt`` default to the ``validation`` ones,
+        ``height``/``width`` to ``resolution``; ``pipe`` (e.g. with another scheduler) to
+        :meth:`pipeline`.
+        """
         pipe = pipe or self.pipeline()
+        if negative_prompt is _UNSET:
+            negative_prompt = self.validation["negative_prompt"]
         modes = {m: m.training for m in self.modules()}
         self.eval()
         try:
@@ -640,13 +778,9 @@ class LoRADreamBooth(GenerativeModule):
                     guidance_scale=float(
                         self.validation["guidance"] if guidance is None else guidance
                     ),
-                    negative_prompt=(
-                        [self.validation["negative_prompt"]] * len(prompts)
-                        if self.validation["negative_prompt"]
-                        else None
-                    ),
-                    height=self.hparams.resolution,
-                    width=self.hparams.resolution,
+                    negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+                    height=int(height or self.hparams.resolution),
+                    width=int(width or self.hparams.resolution),
                 )
             return list(out.images)
         finally:
@@ -839,6 +973,26 @@ class LoRADreamBooth(GenerativeModule):
     def load_lora_weights(self, source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, int]:
         """Copy LoRA weights from a diffusers/kohya file (or folder) into this model's adapters."""
         return lora_io.load_lora_into(source, self.components, self.adapted, self.lora_settings)
+
+
+def _check_scorer(metrics: Any) -> Callable[..., Any] | None:
+    """``model.metrics`` as built by Hydra: a scorer, None, or a config left without a scorer.
+
+    A recipe wires ``model.metrics.identifier`` from the data; with the scorer group removed
+    on top (``~model/metrics``), only that key remains: no scorer, as asked.
+    """
+    if metrics is None or callable(metrics):
+        return metrics
+    if isinstance(metrics, Mapping):
+        keys = sorted(str(k) for k in metrics)
+        if set(keys) <= {"identifier", "batch_size"}:
+            log.info("model.metrics holds only %s and no scorer: no validation metrics", keys)
+            return None
+        raise ValueError(
+            f"model.metrics is a config without _target_ (keys {keys}): choose a scorer with "
+            "model/metrics=subject_fidelity (or subject_fidelity_tiny), or none with ~model/metrics"
+        )
+    raise TypeError(f"model.metrics must be callable or null, got {type(metrics).__name__}")
 
 
 def _save_png_atomic(image: Image.Image, path: Path) -> None:

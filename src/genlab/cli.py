@@ -16,6 +16,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from genlab.callbacks.scaling import scale_config_lr
+from genlab.distributed import check_strategy, job_processes
+
 log = logging.getLogger(__name__)
 
 
@@ -102,9 +105,9 @@ def check_data(datamodule: pl.LightningDataModule, output_dir: Path) -> None:
     if validate is None:
         log.info("%s has no validate(): data not checked", type(datamodule).__name__)
         return
-    report = validate()
-    log.info("data check:\n%s", report.summary())
+    report = validate()  # every rank loads its data here; rank 0 reports
     if rank_zero_only.rank == 0:
+        log.info("data check:\n%s", report.summary())
         report.write_json(output_dir / "data_report.json")
     if report.ok:
         return
@@ -117,8 +120,13 @@ def check_data(datamodule: pl.LightningDataModule, output_dir: Path) -> None:
 
 # ---- train ----------------------------------------------------------------------------------
 def train(cfg: DictConfig) -> dict[str, float]:
-    """seed -> datamodule -> model -> callbacks -> loggers -> trainer -> fit -> test -> metrics.json."""
+    """seed -> datamodule -> callbacks -> loggers -> trainer -> model -> fit -> test -> metrics.json.
+
+    The model is built after the trainer because its learning rate may follow the number of
+    processes (``scale_lr``).
+    """
     apply_extras(cfg)
+    check_strategy(cfg.trainer)  # a missing backend (DeepSpeed) stops here, before any work
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -126,10 +134,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     if cfg.get("validate_data", True):
         check_data(datamodule, output_dir)
-    model: pl.LightningModule = instantiate(cfg.model)
     callbacks = instantiate_all(cfg.get("callbacks"))
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    scale_config_lr(cfg, trainer)
+    model: pl.LightningModule = instantiate(cfg.model)
 
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -138,22 +147,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, output_dir
     )
     metrics: dict[str, float] = {}
-    if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        metrics |= scalar_metrics(trainer.callback_metrics)
-    if cfg.get("test", False):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if not cfg.get("train", True):
-            best = ckpt_path or ""
-        if not best:
-            log.warning("no best checkpoint: testing the weights in memory")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-        metrics |= scalar_metrics(trainer.callback_metrics)
-    if trainer.is_global_zero and cfg.get("train", True):
-        model.export_weights(output_dir / "model.safetensors")
-    write_json(output_dir / "metrics.json", metrics)
-    log.info("metrics: %s", json.dumps(metrics, indent=1))
-    log.info("run directory: %s", output_dir)
+    with job_processes(trainer):  # DDP ranks of this job (and only this job) in one run dir
+        if cfg.get("train", True):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            metrics |= scalar_metrics(trainer.callback_metrics)
+        if cfg.get("test", False):
+            best = (
+                trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            )
+            if not cfg.get("train", True):
+                best = ckpt_path or ""
+            if not best:
+                log.warning("no best checkpoint: testing the weights in memory")
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            metrics |= scalar_metrics(trainer.callback_metrics)
+    if trainer.is_global_zero:
+        if cfg.get("train", True):
+            model.export_weights(output_dir / "model.safetensors")
+        write_json(output_dir / "metrics.json", metrics)
+        log.info("metrics: %s", json.dumps(metrics, indent=1))
+        log.info("run directory: %s", output_dir)
     for lg in loggers:  # fit and test share one experiment per logger; close it once, here
         getattr(lg, "close", lambda lg=lg: lg.finalize("success"))()
     return metrics
@@ -162,13 +175,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def optimized_value(cfg: DictConfig, metrics: Mapping[str, float]) -> float | None:
     """The value a sweeper optimises (``optimized_metric``), with a clear error when it is missing."""
     name = cfg.get("optimized_metric")
-    if not name:
+    if not name or rank_zero_only.rank != 0:  # the sweeper reads rank 0's value only
         return None
     if name not in metrics:
-        raise KeyError(
-            f"optimized_metric '{name}' was not logged; logged metrics: {sorted(metrics)}"
-        )
+        message = f"optimized_metric '{name}' was not logged; logged metrics: {sorted(metrics)}"
+        if _in_sweep():
+            raise KeyError(message)
+        log.warning("%s (no sweep is running, so this run goes on)", message)
+        return None
     return metrics[name]
+
+
+def _in_sweep() -> bool:
+    """Whether this job is part of a Hydra multirun (a sweeper waits for its value)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 # ---- inference ------------------------------------------------------------------------------

@@ -1,0 +1,390 @@
+"""Scale-out through the real entry point: DDP on CPU (gloo), sweeps, launchers, LR scaling.
+
+The end-to-end tests run ``python train.py`` as subprocesses, as a user would, with the tiny
+voxel VAE-GAN; together they take about three minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import yaml
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from genlab.callbacks.scaling import ScalingReport, lr_scale, scale_config_lr
+from genlab.callbacks.sweep import SweepSummary
+from genlab.distributed import check_strategy, config_flags, job_command_line
+from tests.helpers import TINY_VOXEL, compose_config
+
+REPO = Path(__file__).resolve().parents[2]
+# 30 training shapes: an epoch is 2 batches of 8 per rank with 2 ranks, 4 with one
+TINY = [o for o in TINY_VOXEL if not o.startswith("trainer.max_epochs")]
+FAST = [*TINY, "trainer.max_epochs=1", "callbacks.samples.every_n_epochs=0"]
+DDP = ["trainer=ddp", "trainer.accelerator=cpu"]
+TWO = [*DDP, "trainer.devices=2"]
+DIGEST = "+callbacks.digest._target_=tests.integration.test_scale_out.WeightsDigest"
+
+
+class WeightsDigest(pl.Callback):
+    """Test-only: each rank writes ``weights_rank<N>.json`` into the run dir at the end of fit.
+
+    sha256 of the parameters (at the start and at the end of training), of the buffers
+    (BatchNorm running statistics), and a digest of every training sample the rank saw.
+    """
+
+    def __init__(self) -> None:
+        self.start = ""
+        self.samples: list[str] = []
+
+    @staticmethod
+    def digest(tensors: Any) -> str:
+        h = hashlib.sha256()
+        for name, t in tensors:
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = self.digest(pl_module.named_parameters())
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        for voxels, caption in zip(batch["voxels"], batch["caption"], strict=True):
+            data = voxels.cpu().numpy().tobytes() + caption.encode()
+            self.samples.append(hashlib.sha1(data).hexdigest())
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        out = Path(trainer.default_root_dir) / f"weights_rank{trainer.global_rank}.json"
+        out.write_text(
+            json.dumps(
+                {
+                    "world_size": trainer.world_size,
+                    "start": self.start,
+                    "params": self.digest(pl_module.named_parameters()),
+                    "buffers": self.digest(pl_module.named_buffers()),
+                    "samples": self.samples,
+                    "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                }
+            )
+        )
+
+
+def run_train(tmp_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PROJECT_ROOT": str(tmp_path),
+        "GENLAB_CACHE_DIR": str(tmp_path / "cache"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "HYDRA_FULL_ERROR": "1",
+    }
+    env.pop("OMP_NUM_THREADS", None)
+    cmd = [sys.executable, str(REPO / "train.py"), *args]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def hydra_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob(".hydra"))
+
+
+def rank_reports(run: Path) -> list[dict]:
+    return [json.loads((run / f"weights_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+# ---- end to end -----------------------------------------------------------------------------
+def test_ddp_two_cpu_processes_train_one_model_in_one_run_dir(tmp_path: Path) -> None:
+    run_train(
+        tmp_path,
+        *TINY,
+        "trainer.max_epochs=2",
+        "callbacks.samples.every_n_epochs=0",
+        *TWO,
+        DIGEST,
+        "task_name=ddp",
+    )
+    runs = list((tmp_path / "logs" / "ddp" / "runs").iterdir())
+    assert len(runs) == 1, runs  # the second process joined the first one's run directory
+    run = runs[0]
+    assert hydra_dirs(tmp_path) == [run]  # one .hydra/, no outputs/ of the re-run process
+    assert [p for p in tmp_path.rglob("checkpoints") if p.is_dir()] == [run / "checkpoints"]
+
+    rank0, rank1 = rank_reports(run)
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    assert rank0["start"] == rank1["start"]
+    assert rank0["params"] == rank1["params"]  # gradients averaged: the same weights on both
+    assert rank0["params"] != rank0["start"]  # and training did move them
+    # each rank saw its own half of the 30 training shapes in each of the 2 epochs
+    for report in (rank0, rank1):
+        assert len(report["samples"]) == 2 * 15
+    epoch0 = [set(r["samples"][:15]) for r in (rank0, rank1)]
+    assert not epoch0[0] & epoch0[1] and len(epoch0[0] | epoch0[1]) == 30
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["scaling/world_size"] == 2
+    assert metrics["scaling/per_device_batch_size"] == 8
+    assert metrics["scaling/effective_batch_size"] == 16
+    assert metrics["scaling/lr"] == pytest.approx(1e-3)  # scale_lr=none: unchanged
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {
+        "epoch_000.ckpt",
+        "epoch_001.ckpt",
+        "last.ckpt",
+    }
+    assert (run / "model.safetensors").is_file() and (run / "ddp.log").is_file()
+
+
+def test_multirun_of_ddp_jobs_with_linear_lr_scaling(tmp_path: Path) -> None:
+    run_train(
+        tmp_path,
+        "-m",
+        *FAST,
+        *TWO,
+        DIGEST,
+        "scale_lr=linear",
+        "model.optimizer.lr=1e-3,3e-4",
+        "task_name=ddp_sweep",
+    )
+    root = tmp_path / "logs" / "ddp_sweep"
+    assert [p.name for p in root.iterdir()] == ["multiruns"]  # no runs/ of re-run processes
+    sweeps = list((root / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1"]
+    assert hydra_dirs(tmp_path) == jobs
+    for job, lr in zip(jobs, (1e-3, 3e-4), strict=True):
+        rank0, rank1 = rank_reports(job)
+        # both ranks trained this job (not the sweep again) with the doubled learning rate
+        assert rank0["params"] == rank1["params"] != rank0["start"]
+        assert rank0["lr"] == rank1["lr"] == pytest.approx(2 * lr)
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["scaling/lr_scale"] == 2 and metrics["scaling/effective_batch_size"] == 16
+        assert metrics["lr-Adam"] == pytest.approx(2 * lr)
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        assert config["model"]["optimizer"]["lr"] == pytest.approx(lr)  # as asked; scaled at run
+
+
+def test_optuna_sweep_in_parallel_writes_best_params_and_best_config(tmp_path: Path) -> None:
+    """2 Optuna trials at once in 2 joblib worker processes (a parallel CPU sweep)."""
+    run_train(
+        tmp_path,
+        "-m",
+        *FAST,
+        "hparams_search=voxel_vaegan_optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        # a metric that differs between 1-epoch trials (val/iou is still 0 that early)
+        "optimized_metric=val/loss_recon",
+        "hydra.sweeper.direction=minimize",
+        "task_name=optuna",
+    )
+    sweeps = list((tmp_path / "logs" / "optuna" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    sweep = sweeps[0]
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    values = {
+        job: json.loads((sweep / job / "metrics.json").read_text())["val/loss_recon"]
+        for job in ("0", "1")
+    }
+    assert results["best_value"] == pytest.approx(min(values.values()))
+    searched = {
+        "model.optimizer.lr",
+        "model.disc_lr_ratio",
+        "model.lambda_adv",
+        "model.kl_weight",
+        "model.dice_weight",
+    }  # model.generator.latent_dim is fixed by the command line
+    assert set(results["best_params"]) == searched
+    with (sweep / "sweep_results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == ["0", "1"]
+    assert [float(r["val/loss_recon"]) for r in rows] == pytest.approx([values["0"], values["1"]])
+    best_job = min(values, key=values.get)
+    best = yaml.safe_load((sweep / "best_config.yaml").read_text())
+    assert best["model"]["optimizer"]["lr"] == pytest.approx(
+        results["best_params"]["model.optimizer.lr"]
+    )
+    assert (
+        (sweep / "best_config.yaml").read_text().startswith(f"# best job of the sweep: {best_job}")
+    )
+
+
+def test_submitit_local_launches_a_job(tmp_path: Path) -> None:
+    run_train(tmp_path, "-m", *FAST, "hydra/launcher=submitit_local", "task_name=submitit")
+    sweep = next((tmp_path / "logs" / "submitit" / "multiruns").iterdir())
+    assert (sweep / ".submitit").is_dir()  # the job went through submitit
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [".submitit", "0"]
+    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert 0 <= metrics["val/iou"] <= 1 and (sweep / "0" / "checkpoints" / "last.ckpt").is_file()
+
+
+# ---- pieces ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "rule, world, accumulate, factor",
+    [
+        ("none", 8, 2, 1.0),
+        (None, 8, 1, 1.0),
+        ("linear", 4, 1, 4.0),
+        ("linear", 4, 2, 8.0),
+        ("sqrt", 4, 1, 2.0),
+        ("SQRT", 2, 8, 4.0),
+    ],
+)
+def test_lr_scale_rules(rule: str | None, world: int, accumulate: int, factor: float) -> None:
+    assert lr_scale(rule, world, accumulate) == pytest.approx(factor)
+
+
+def test_unknown_lr_rule_is_refused_when_the_callback_is_built() -> None:
+    with pytest.raises(ValueError, match=r"scale_lr='cubic'.*none, linear, sqrt"):
+        ScalingReport(scale_lr="cubic")
+
+
+def test_scale_config_lr_uses_the_trainer_world_size(tmp_path: Path) -> None:
+    cfg = compose_config("train", [*FAST, *DDP, "trainer.devices=4", "scale_lr=sqrt"], tmp_path)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert scale_config_lr(cfg, trainer) == pytest.approx(2.0)
+    assert cfg.model.optimizer.lr == pytest.approx(2e-3)
+    model = instantiate(cfg.model)
+    assert model.configure_optimizers()[0].param_groups[0]["lr"] == pytest.approx(2e-3)
+
+
+def test_trainer_configs_for_scale_out(tmp_path: Path) -> None:
+    cfg = compose_config("train", [*TWO, "trainer.num_nodes=1"], tmp_path)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.world_size == 2
+    assert type(trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+
+    fsdp = compose_config("train", ["trainer=fsdp"], tmp_path)
+    assert fsdp.trainer.strategy.sharding_strategy == "FULL_SHARD"
+    strategy = instantiate(fsdp.trainer.strategy)  # builds without a GPU; training needs one
+    assert type(strategy).__name__ == "FSDPStrategy"
+    with pytest.raises(InstantiationException, match="requires a GPU accelerator"):
+        instantiate(fsdp.trainer, accelerator="cpu", logger=False)
+
+    deepspeed = compose_config("train", ["trainer=deepspeed"], tmp_path)
+    assert deepspeed.trainer.strategy.stage == 2 and deepspeed.trainer.plugins is None
+    try:
+        import deepspeed as _  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match=r"DeepSpeedStrategy.*pip install -U deepspeed"):
+            check_strategy(deepspeed.trainer)
+    check_strategy(cfg.trainer)  # DDP builds
+
+
+def test_launcher_configs_follow_the_trainer(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from tests.helpers import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            ["hydra/launcher=submitit_slurm", *DDP, "trainer.devices=4", "trainer.num_nodes=2"],
+            return_hydra_config=True,
+        )
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == 4
+    assert launcher["nodes"] == 2
+    for key in ("partition", "timeout_min", "mem_gb", "cpus_per_task", "setup"):
+        assert key in launcher
+
+
+def test_a_sweep_job_is_re_run_alone_in_run_mode() -> None:
+    argv = ["train.py", "-m", "--config-name", "params", "-cd=/x", "lr=1,2", "hydra.verbose=true"]
+    assert config_flags(argv[1:]) == ["--config-name", "params", "-cd=/x"]
+    assert job_command_line(
+        argv, ["lr=2", "trainer=ddp"], ["hydra.mode=MULTIRUN", "hydra.verbose=true"]
+    ) == [
+        "train.py",
+        "--config-name",
+        "params",
+        "-cd=/x",
+        "lr=2",
+        "trainer=ddp",
+        "hydra.verbose=true",
+        "hydra.mode=RUN",
+    ]
+
+
+def test_ddp_job_of_a_sweep_is_re_run_alone_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from genlab.distributed import job_processes
+
+    job = [*TWO, "model.optimizer.lr=3e-4"]
+    cfg = compose_config("train", job, tmp_path)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    compose_config("train", [*job, "hydra.mode=MULTIRUN"], tmp_path)  # HydraConfig: a sweep job
+    sweep_argv = ["train.py", "-m", "-cn", "train", "model.optimizer.lr=1e-3,3e-4", *TWO]
+    monkeypatch.setattr(sys, "argv", list(sweep_argv))
+    for key in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+
+    def run_dir() -> str:
+        return OmegaConf.to_container(HydraConfig.get().run, resolve=False)["dir"]
+
+    before = run_dir()
+    with job_processes(trainer):
+        # what Lightning's launcher re-runs: this job's overrides in run mode, in its directory
+        assert sys.argv == ["train.py", "-cn", "train", *job, "hydra.mode=RUN"]
+        assert run_dir() == str(tmp_path / "run")
+        os.environ.update(LOCAL_RANK="0", WORLD_SIZE="2", MASTER_PORT="12910")  # as Lightning does
+    assert sys.argv == sweep_argv and run_dir() == before
+    assert not {"LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)
+
+    compose_config("train", [*job, "hydra.mode=MULTIRUN", "hydra/launcher=joblib"], tmp_path)
+    with (
+        pytest.raises(RuntimeError, match="re-running the command line.*JoblibLauncher"),
+        job_processes(trainer),
+    ):
+        pass
+
+
+def test_sweep_summary_picks_the_best_job_by_direction(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    for job, value in (("0", 0.4), ("1", 0.7), ("2", None)):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- lr={job}\n")
+        (tmp_path / job / ".hydra" / "config.yaml").write_text(f"lr: {job}\n")
+        if value is not None:
+            (tmp_path / job / "metrics.json").write_text(json.dumps({"val/iou": value}))
+    cfg = OmegaConf.create(
+        {
+            "optimized_metric": "val/iou",
+            "model": {"main_metric_mode": "max"},
+            "hydra": {"sweep": {"dir": str(tmp_path)}},
+        }
+    )
+    SweepSummary().on_multirun_end(cfg)
+    assert (tmp_path / "best_config.yaml").read_text().endswith("lr: 1\n")
+    rows = list(csv.reader((tmp_path / "sweep_results.csv").open()))
+    assert rows == [
+        ["job", "val/iou", "overrides"],
+        ["0", "0.4", "lr=0"],
+        ["1", "0.7", "lr=1"],
+        ["2", "", "lr=2"],
+    ]
+    cfg.hydra.sweeper = {"direction": "minimize"}
+    SweepSummary().on_multirun_end(cfg)
+    assert (tmp_path / "best_config.yaml").read_text().endswith("lr: 0\n")

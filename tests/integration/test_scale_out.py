@@ -105,6 +105,9 @@ def rank_reports(run: Path) -> list[dict]:
     return [json.loads((run / f"weights_rank{r}.json").read_text()) for r in (0, 1)]
 
 
+CLASSES = ["box", "cone", "cylinder", "sphere", "torus"]
+
+
 # ---- end to end -----------------------------------------------------------------------------
 def test_ddp_two_cpu_processes_train_one_model_in_one_run_dir(tmp_path: Path) -> None:
     run_train(
@@ -144,6 +147,10 @@ def test_ddp_two_cpu_processes_train_one_model_in_one_run_dir(tmp_path: Path) ->
         "last.ckpt",
     }
     assert (run / "model.safetensors").is_file() and (run / "ddp.log").is_file()
+    # the conditioning report scores the test shapes of both ranks: every class is present
+    with (run / "conditioning.csv").open() as fh:
+        header = next(csv.reader(fh))
+    assert sorted(c for c in header if c in CLASSES) == sorted(CLASSES), header
 
 
 def test_multirun_of_ddp_jobs_with_linear_lr_scaling(tmp_path: Path) -> None:

@@ -143,7 +143,9 @@ class VoxelVAEGAN(GenerativeModule):
             logs |= {"train/loss_adv": loss_adv, "train/loss_d": loss_d}
         with torch.no_grad():
             logs["train/iou"] = voxel_iou(torch.sigmoid(logits), x, hp.threshold).mean()
-        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=True, batch_size=len(x))
+        self.log_dict(
+            logs, prog_bar=False, on_step=True, on_epoch=True, batch_size=len(x), sync_dist=True
+        )
         self.log("loss", loss_g.detach(), prog_bar=True, logger=False, batch_size=len(x))
 
     def on_train_epoch_end(self) -> None:
@@ -180,10 +182,27 @@ class VoxelVAEGAN(GenerativeModule):
         for grid, name in zip(batch["voxels"], batch["class_name"], strict=True):
             self._test_grids.setdefault(name, []).append(grid[0].detach().cpu() > 0.5)
 
+    def _gathered_test_grids(self) -> dict[str, list[torch.Tensor]]:
+        """The test grids of every rank (each rank saw its own shard of the test set)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self._test_grids
+        local = {k: [g.cpu() for g in v] for k, v in self._test_grids.items()}
+        parts: list[dict[str, list[torch.Tensor]] | None] = [
+            None
+        ] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, local)
+        merged: dict[str, list[torch.Tensor]] = {}
+        for part in parts:
+            for name, grids in (part or {}).items():
+                merged.setdefault(name, []).extend(grids)
+        return merged
+
     def on_test_epoch_end(self) -> None:
-        if self._test_grids:
-            report = self.conditioning_report(self._test_grids)
-            self.log_dict({f"test/{k}": v for k, v in report.summary.items()}, sync_dist=True)
+        grids = self._gathered_test_grids()
+        if grids:
+            # every rank scores the same gathered shapes with the same seeded samples
+            report = self.conditioning_report(grids)
+            self.log_dict({f"test/{k}": v for k, v in report.summary.items()})
             if self.trainer.is_global_zero:
                 out = Path(self.trainer.default_root_dir) / "conditioning.csv"
                 report.write_csv(out)

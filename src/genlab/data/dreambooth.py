@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from genlab.atomic import write_bytes_atomic
 from genlab.data.captions import CaptionError, read_captions_txt
 from genlab.data.errors import DataFileError
 from genlab.data.images import IMAGE_EXTENSIONS, read_image
@@ -155,7 +155,7 @@ def read_split_file(path: Path, present: set[str]) -> dict[str, list[str]]:
 
 def _write_split_file(path: Path, split: dict[str, list[str]], seed: int, fraction: float) -> None:
     data = {"split_seed": seed, "val_fraction": fraction, **split}
-    _write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8"))
+    write_bytes_atomic(path, json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8"))
 
 
 def _listed(names: Sequence[str], limit: int = 10) -> str:
@@ -208,9 +208,11 @@ class ImageCache:
         img = read_image(path, mode="RGB", background=self.background)
         original = (img.height, img.width)
         array = np.asarray(_resize_shorter_side(img, self.resolution), dtype=np.uint8)
-        _write_atomic(array_path, _npy_bytes(array))  # the array first: the meta marks completion
+        write_bytes_atomic(
+            array_path, _npy_bytes(array)
+        )  # the array first: the meta marks completion
         meta = {"file": str(path), "original_size": list(original)}
-        _write_atomic(meta_path, json.dumps(meta).encode("utf-8"))
+        write_bytes_atomic(meta_path, json.dumps(meta).encode("utf-8"))
         return CachedImage(str(array_path), original)
 
 
@@ -228,18 +230,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from typing import Any, Literal, TypeVar
 
 from tqdm.auto import tqdm
 
+from genlab.atomic import write_text_atomic
 from genlab.data.errors import DataFileError
 
 __all__ = [
@@ -131,7 +131,9 @@ class ValidationReport:
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
         """Write the report as JSON (atomically)."""
-        return _write_atomic(Path(path), json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+        return write_text_atomic(
+            Path(path), json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+        )
 
     @classmethod
     def read_json(cls, path: str | os.PathLike[str]) -> ValidationReport:
@@ -176,17 +178,4 @@ def write_skip_list(problems: Iterable[Problem], path: str | os.PathLike[str]) -
     writer.writerow(["path", "reason"])
     for problem in problems:
         writer.writerow([problem.path, problem.reason])
-    return _write_atomic(Path(path), buffer.getvalue())
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(Path(path), buffer.getvalue())

@@ -19,14 +19,14 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from genlab.atomic import write_text_atomic
 
 __all__ = [
     "MEAN_ROW",
@@ -115,19 +115,6 @@ def _format(value: float | None) -> str:
     return repr(float(value)) if math.isfinite(value) else str(value)
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_fidelity_csv(
     path: str | Path, values: FidelityValues, baseline: FidelityValues | None = None
 ) -> Path:
@@ -151,7 +138,7 @@ def write_fidelity_csv(
         base = baseline.per_prompt.get(prompt) if baseline is not None else None
         row(prompt, entry, base, int(entry.get("num_images", 0)))
     row(MEAN_ROW, values.means, baseline.means if baseline else None, values.num_images)
-    return _write_text_atomic(Path(path), buffer.getvalue())
+    return write_text_atomic(Path(path), buffer.getvalue())
 
 
 def read_fidelity_csv(path: str | Path) -> dict[str, dict[str, float]]:
@@ -177,7 +164,7 @@ def write_fidelity_json(
         payload["baseline"] = baseline.as_dict()
     payload |= dict(extra or {})
     text = json.dumps(_jsonable(payload), indent=2, ensure_ascii=False) + "\n"
-    return _write_text_atomic(Path(path), text)
+    return write_text_atomic(Path(path), text)
 
 
 def _jsonable(value: Any) -> Any:

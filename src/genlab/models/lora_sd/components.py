@@ -18,7 +18,6 @@ import gzip
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from genlab.atomic import write_text_atomic
 from genlab.pretrained import local_path, weights_unavailable
 
 log = logging.getLogger(__name__)
@@ -219,21 +219,9 @@ def write_clip_bpe_files(folder: str | Path) -> Path:
     tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m.split()) for m in merges)]
     tokens += [_BOS, _EOS]
     vocab = {token: index for index, token in enumerate(tokens)}
-    _write_text_atomic(merges_file, "#version: 0.2\n" + "\n".join(merges) + "\n")
-    _write_text_atomic(vocab_file, json.dumps(vocab, ensure_ascii=False))
+    write_text_atomic(merges_file, "#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_text_atomic(vocab_file, json.dumps(vocab, ensure_ascii=False))
     return folder
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def clip_bpe_tokenizer(cache_dir: str | Path | None = None, pad_token: str = _EOS) -> Any:

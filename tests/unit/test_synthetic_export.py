@@ -13,6 +13,7 @@ import pytest
 import trimesh
 from PIL import Image
 
+import genlab.data.cli as data_cli
 import genlab.data.synthetic_export as synthetic_export
 from genlab.data.cameras import read_camera_json
 from genlab.data.captions import read_captions_csv, read_metadata_json
@@ -182,8 +183,8 @@ def test_rejects_unknown_classes(tmp_path: Path) -> None:
 
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    argv = [str(out), "--classes", "cone", "--num-per-class", "1", "--num-views", "2"]
-    synthetic_export.main([*argv, "--image-size", "16", "--num-points", "64"])
+    argv = ["--out", str(out), "--classes", "cone", "--num-per-class", "1", "--num-views", "2"]
+    data_cli.main(["export-synthetic", *argv, "--image-size", "16", "--num-points", "64"])
     assert capsys.readouterr().out.strip() == str(out)
     assert np.load(out / "points" / "cone_0000.npy").shape == (64, 6)
     assert sorted(p.name for p in (out / "images" / "cone_0000").iterdir()) == [

@@ -43,7 +43,6 @@ renamed into place at the end.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
@@ -225,34 +224,3 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     os.replace(out, old / out.name)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m genlab.data.synthetic_export OUT_DIR [--num-per-class N ...]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES))
-    parser.add_argument("--num-per-class", type=int, default=10)
-    parser.add_argument("--voxel-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-views", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--num-points", type=int, default=4096)
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    path = export_objaverse_layout(
-        args.out_dir,
-        classes=args.classes,
-        num_per_class=args.num_per_class,
-        voxel_size=args.voxel_size,
-        seed=args.seed,
-        num_views=args.num_views,
-        image_size=args.image_size,
-        num_points=args.num_points,
-        overwrite=args.overwrite,
-    )
-    print(path)
-
-
-if __name__ == "__main__":
-    main()

@@ -53,11 +53,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from genlab.data.cameras import Camera, camera_embeddings, read_camera_json
 from genlab.data.errors import DataFileError
@@ -68,6 +67,7 @@ from genlab.data.images import (
     register_heif,
     resize_to,
 )
+from genlab.data.loaders import SeededDataModule
 from genlab.data.validation import (
     Problem,
     ValidationReport,
@@ -448,7 +448,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class MultiViewDataModule(pl.LightningDataModule):
+class MultiViewDataModule(SeededDataModule):
     """Multi-view objects from ``root``, split by object into train and val, batched.
 
     The split is drawn with ``split_seed`` over every object folder found (before bad ones
@@ -489,7 +489,6 @@ class MultiViewDataModule(pl.LightningDataModule):
         self.splits: dict[str, list[str]] = {}
         self.train_dataset: MultiViewDataset | None = None
         self.val_dataset: MultiViewDataset | None = None
-        self._train_generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
 
     def split_ids(self, object_ids: Sequence[str]) -> dict[str, list[str]]:
         """Deterministic object-level split ``{"train": [...], "val": [...]}`` (sorted ids)."""
@@ -549,24 +548,14 @@ class MultiViewDataModule(pl.LightningDataModule):
             on_bad_file=self.on_bad_file,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        assert self.train_dataset is not None, "call setup() first"
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        assert self.val_dataset is not None, "call setup() first"
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def _loader(self, dataset: MultiViewDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=self._train_generator if shuffle else None,
-            drop_last=False,
-        )
+    def split_dataset(self, split: str) -> MultiViewDataset:
+        if split not in ("train", "val"):
+            raise ValueError(
+                f"mvds has splits train and val only, not {split!r}: run with test=false"
+            )
+        dataset = self.train_dataset if split == "train" else self.val_dataset
+        assert dataset is not None, "call setup() first"
+        return dataset
 
     def validate(self) -> ValidationReport:
         """Check every object: its file sets, cameras and every view fully decoded.
@@ -603,9 +592,3 @@ class MultiViewDataModule(pl.LightningDataModule):
         for name, members in self.split_ids(ids).items():
             report.split(name, sum(1 for i in members if i in good))
         return report
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"train_generator": self._train_generator.get_state()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._train_generator.set_state(state_dict["train_generator"])

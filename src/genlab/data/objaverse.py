@@ -44,14 +44,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from genlab.data.captions import CaptionError, read_captions_csv, read_metadata_json
 from genlab.data.errors import DataFileError
 from genlab.data.images import IMAGE_EXTENSIONS, read_image, resize_to
+from genlab.data.loaders import SeededDataModule
 from genlab.data.meshes import MESH_EXTENSIONS
 from genlab.data.point_clouds import POINT_CLOUD_EXTENSIONS, read_point_cloud, resample
 from genlab.data.splits import stratified_split
@@ -327,7 +327,7 @@ class _Check:
 # --------------------------------------------------------------------------------------------
 
 
-class ObjaverseDataModule(pl.LightningDataModule):
+class ObjaverseDataModule(SeededDataModule):
     """Reads, validates, splits and batches a folder in the Objaverse/Shap-E layout.
 
     ``views``: ``"random"`` (a random view per item in training, the first in val/test),
@@ -396,7 +396,6 @@ class ObjaverseDataModule(pl.LightningDataModule):
         self.skipped: list[Problem] = []
         self.splits: dict[str, list[ObjaverseObject]] = {}
         self._split_ids: dict[str, list[str]] = {}
-        self._train_generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
 
     # ---------------------------------------------------------------------------- validation
 
@@ -678,32 +677,8 @@ class ObjaverseDataModule(pl.LightningDataModule):
             self.cache_dir,
         )
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = self._train_generator if shuffle else torch.Generator().manual_seed(0)
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=generator,
-            drop_last=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"train_generator": self._train_generator.get_state()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._train_generator.set_state(state_dict["train_generator"])
+    def split_dataset(self, split: str) -> ObjaverseDataset:
+        return self.dataset(split)
 
 
 def _is_inside(path: Path, folder: Path) -> bool:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Protocol
 
-import lightning.pytorch as pl
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
+from genlab.data.loaders import SeededDataModule
 from genlab.data.splits import stratified_split
 from genlab.data.validation import Problem, ValidationReport, check_bad_file_policy
 from genlab.data.voxel_dataset import VoxelCaptionDataset, VoxelSet
@@ -28,7 +26,7 @@ class VoxelSource(Protocol):
     def validate(self) -> ValidationReport: ...
 
 
-class VoxelDataModule(pl.LightningDataModule):
+class VoxelDataModule(SeededDataModule):
     """Reads a voxel source, splits it (the source's own train/test split when it has one) and batches it.
 
     The training order is drawn from the module's own generator (its state is checkpointed), so a
@@ -63,7 +61,6 @@ class VoxelDataModule(pl.LightningDataModule):
         self._sample_prompts = list(sample_prompts) if sample_prompts else None
         self.data: VoxelSet | None = None
         self.splits: dict[str, np.ndarray] = {}
-        self._train_generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
         if on_bad_file is not None:
             self.on_bad_file = on_bad_file
 
@@ -159,33 +156,9 @@ class VoxelDataModule(pl.LightningDataModule):
             return self._sample_prompts
         return [f"{_article(c)} {c.replace('_', ' ')}" for c in self.class_names]
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def split_dataset(self, split: str) -> VoxelCaptionDataset:
         assert self.data is not None, "call setup() first"
-        generator = self._train_generator if shuffle else torch.Generator().manual_seed(0)
-        return DataLoader(
-            VoxelCaptionDataset(self.data, self.splits[split]),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=generator,
-            drop_last=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"train_generator": self._train_generator.get_state()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._train_generator.set_state(state_dict["train_generator"])
+        return VoxelCaptionDataset(self.data, self.splits[split])
 
 
 _EMPTY_TRAIN = "the training split is empty: add data or lower val_fraction/test_fraction"

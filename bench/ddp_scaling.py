@@ -29,12 +29,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from _common import RandomGrids, StepClock, bench_trainer, median
+from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tests' tiny sizes (tests/helpers.py TINY_VOXEL)
@@ -48,40 +48,6 @@ TINY = [
     "model.discriminator.num_layers=3",
     "model.text_encoder.embed_dim=32",
 ]
-
-
-class RandomGrids(Dataset):
-    """Fixed random occupancy grids (about 15 % filled) with captions."""
-
-    def __init__(self, n: int, r: int) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.voxels = (torch.rand(n, 1, r, r, r, generator=gen) > 0.85).float()
-        self.captions = [f"a shape number {i % 7}" for i in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.voxels)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"voxels": self.voxels[i], "caption": self.captions[i]}
-
-
-class StepClock(pl.Callback):
-    """Wall time of every training batch on this rank (CUDA-synchronised on a GPU)."""
-
-    def __init__(self) -> None:
-        self.starts: list[float] = []
-        self.ends: list[float] = []
-
-    def _now(self, trainer: pl.Trainer) -> float:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args) -> None:
-        self.starts.append(self._now(trainer))
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
-        self.ends.append(self._now(trainer))
 
 
 def build_model(overrides: list[str]) -> tuple[pl.LightningModule, dict]:
@@ -117,32 +83,19 @@ def train_steps(
     per_rank = batch * (warmup + steps)
     loader = DataLoader(RandomGrids(per_rank * devices, voxel_size), batch_size=batch)
     clock = StepClock()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[clock],
-        **trainer_kwargs,
-    )
+    trainer = bench_trainer([clock], max_epochs=1, **trainer_kwargs)
     trainer.fit(model, train_dataloaders=loader)
     measured = clock.ends[-1] - clock.starts[warmup]
-    step_times = sorted(
-        e - s for s, e in zip(clock.starts[warmup:], clock.ends[warmup:], strict=True)
-    )
-    median = step_times[len(step_times) // 2]
+    step = median(clock.durations(skip=warmup))
     result = {
         "world_size": trainer.world_size,
         "threads": torch.get_num_threads(),
         "steps": len(clock.ends) - warmup,
         "seconds": measured,
         # from the median step: a stall of a shared machine does not count
-        "samples_per_s": batch * trainer.world_size / median,
+        "samples_per_s": batch * trainer.world_size / step,
         "mean_samples_per_s": batch * trainer.world_size * (len(clock.ends) - warmup) / measured,
-        "median_step_ms": 1e3 * median,
+        "median_step_ms": 1e3 * step,
     }
     return trainer, result
 

@@ -57,6 +57,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from _common import bench_trainer, median
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -239,26 +240,16 @@ def all_cores() -> int:
     return os.cpu_count() or 1
 
 
-def median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2] if xs else math.nan
-
-
 def trainer(
     max_steps: int, device: torch.device, precision: str, callbacks: list[pl.Callback], root: str
 ) -> pl.Trainer:
-    return pl.Trainer(
+    return bench_trainer(
+        callbacks,
         max_steps=max_steps,
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
         precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         default_root_dir=root,
-        callbacks=callbacks,
     )
 
 

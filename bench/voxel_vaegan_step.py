@@ -13,42 +13,15 @@ import copy
 import time
 from functools import partial
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from _common import RandomGrids, StepClock, bench_trainer, median
+from torch.utils.data import DataLoader
 
 from genlab.models.voxel_vaegan import VoxelVAEGAN
 from genlab.models.voxel_vaegan.networks import ConditionalVAE, Discriminator
 from genlab.nn.losses import soft_dice_loss
 from genlab.nn.text import HashedBagOfWordsEncoder
-
-
-class FixedBatches(Dataset):
-    """The same random occupancy grids and captions every epoch."""
-
-    def __init__(self, n: int, r: int) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.voxels = (torch.rand(n, 1, r, r, r, generator=gen) > 0.85).float()
-        self.captions = [f"a shape number {i % 7}" for i in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.voxels)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"voxels": self.voxels[i], "caption": self.captions[i]}
-
-
-class StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t = 0.0
-
-    def on_train_batch_start(self, *args) -> None:
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, *args) -> None:
-        self.times.append(time.perf_counter() - self._t)
 
 
 def build(r: int, hidden: int) -> VoxelVAEGAN:
@@ -105,10 +78,6 @@ def plain_loop(model: VoxelVAEGAN, loader: DataLoader, steps: int) -> list[float
     return times
 
 
-def median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--voxel-size", type=int, default=32)
@@ -120,24 +89,19 @@ def main() -> None:
     model = build(args.voxel_size, args.hidden)
     plain_model = copy.deepcopy(model)
     loader = DataLoader(
-        FixedBatches(args.batch * 4, args.voxel_size), batch_size=args.batch, shuffle=False
+        RandomGrids(args.batch * 4, args.voxel_size), batch_size=args.batch, shuffle=False
     )
 
     warm = 3
     plain = plain_loop(plain_model, loader, args.steps + warm)[warm:]
-    timer = StepTimer()
-    trainer = pl.Trainer(
+    clock = StepClock()
+    trainer = bench_trainer(
+        [clock],
         max_steps=2 * (args.steps + warm),  # manual optimisation counts both optimisers' steps
         accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-        limit_val_batches=0,
     )
     trainer.fit(model, train_dataloaders=loader)
-    ours = timer.times[warm:]
+    ours = clock.durations(skip=warm)
     print(
         f"grid {args.voxel_size}^3, hidden {args.hidden}, batch {args.batch}, {torch.get_num_threads()} threads"
     )

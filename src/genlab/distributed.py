@@ -111,7 +111,7 @@ def _relaunch_this_job(trainer: pl.Trainer) -> Callable[[], None]:
             f"{trainer.num_devices} DDP processes per job are started by re-running the command "
             f"line, which jobs of {launcher} cannot do. Run the sweep with "
             "the default launcher (jobs one after another), one process per job "
-            "(trainer.devices=1), or hydra/launcher=submitit_slurm, whose tasks_per_node "
+            "(trainer.devices=1), or hydra/launcher=slurm, whose tasks_per_node "
             "(= trainer.devices) starts the processes itself."
         )
     old_argv = sys.argv[:]

@@ -193,7 +193,7 @@ def test_optuna_sweep_in_parallel_writes_best_params_and_best_config(tmp_path: P
         "hparams_search=voxel_vaegan_optuna",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.n_jobs=2",
-        "hydra/launcher=joblib",
+        "hydra/launcher=joblib_pool",
         "hydra.launcher.n_jobs=2",
         # a metric that differs between 1-epoch trials (val/iou is still 0 that early)
         "optimized_metric=val/loss_recon",
@@ -232,7 +232,7 @@ def test_optuna_sweep_in_parallel_writes_best_params_and_best_config(tmp_path: P
 
 
 def test_submitit_local_launches_a_job(tmp_path: Path) -> None:
-    run_train(tmp_path, "-m", *FAST, "hydra/launcher=submitit_local", "task_name=submitit")
+    run_train(tmp_path, "-m", *FAST, "hydra/launcher=submitit_local_jobs", "task_name=submitit")
     sweep = next((tmp_path / "logs" / "submitit" / "multiruns").iterdir())
     assert (sweep / ".submitit").is_dir()  # the job went through submitit
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [".submitit", "0"]
@@ -302,7 +302,7 @@ def test_launcher_configs_follow_the_trainer(tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             "train",
-            ["hydra/launcher=submitit_slurm", *DDP, "trainer.devices=4", "trainer.num_nodes=2"],
+            ["hydra/launcher=slurm", *DDP, "trainer.devices=4", "trainer.num_nodes=2"],
             return_hydra_config=True,
         )
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
@@ -359,7 +359,7 @@ def test_ddp_job_of_a_sweep_is_re_run_alone_and_leaves_nothing_behind(
     assert sys.argv == sweep_argv and run_dir() == before
     assert not {"LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)
 
-    compose_config("train", [*job, "hydra.mode=MULTIRUN", "hydra/launcher=joblib"], tmp_path)
+    compose_config("train", [*job, "hydra.mode=MULTIRUN", "hydra/launcher=joblib_pool"], tmp_path)
     with (
         pytest.raises(RuntimeError, match="re-running the command line.*JoblibLauncher"),
         job_processes(trainer),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,31 @@ from PIL import Image
 
 from genlab.geometry.mesh_io import save_mesh
 from genlab.geometry.render import image_grid, render_mesh_preview
+
+# letters that Unicode does not decompose into an ASCII letter + marks
+_NO_DECOMPOSITION = str.maketrans(
+    {
+        "ı": "i",
+        "ø": "o",
+        "Ø": "O",
+        "ł": "l",
+        "Ł": "L",
+        "đ": "d",
+        "Đ": "D",
+        "ß": "ss",
+        "æ": "ae",
+        "Æ": "AE",
+        "œ": "oe",
+        "Œ": "OE",
+    }
+)
+
+
+def ascii_fold(text: str) -> str:
+    """``text`` with accents dropped and special Latin letters spelled in ASCII
+    ("Çini kâse, İznik" -> "Cini kase, Iznik"); other characters are left out."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(_NO_DECOMPOSITION))
+    return decomposed.encode("ascii", "ignore").decode("ascii")
 
 
 @dataclass
@@ -24,8 +51,11 @@ class Sample:
 
     @property
     def stem(self) -> str:
-        slug = re.sub(r"[^a-z0-9]+", "_", self.prompt.lower()).strip("_")[:60] or "unconditional"
-        return f"{slug}_{self.index:02d}"
+        """A file name from the prompt: ASCII letters and digits (accents dropped), index last."""
+        slug = re.sub(r"[^a-z0-9]+", "_", ascii_fold(self.prompt).lower()).strip("_")[:60]
+        if not slug and self.prompt.strip():  # a script without Latin letters: a stable hash
+            slug = "prompt_" + hashlib.sha1(self.prompt.encode("utf-8")).hexdigest()[:8]
+        return f"{slug or 'unconditional'}_{self.index:02d}"
 
     def preview(self, size: int = 256) -> Image.Image:
         if self.image is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from genlab.data.meshes import load_mesh, normalize_to_unit_cube
 from genlab.geometry.marching_cubes import extract_mesh
@@ -192,3 +192,31 @@ def test_image_grid_default_columns_and_errors() -> None:
         image_grid([])
     with pytest.raises(ValueError, match="2 labels for 5 images"):
         image_grid(tiles, labels=["a", "b"])
+
+
+def test_captions_draw_turkish_letters_not_missing_glyph_boxes() -> None:
+    from genlab.geometry.render import caption_font
+
+    font = caption_font()
+
+    def bitmap(text: str) -> np.ndarray:
+        image = Image.new("L", (40, 30), 0)
+        ImageDraw.Draw(image).text((4, 4), text, fill=255, font=font)
+        return np.asarray(image)
+
+    letters = [bitmap(c) for c in "ÇŞĞİıC"]
+    assert all(b.any() for b in letters)
+    # a font without these letters draws the same "missing" box for each of them
+    for i in range(len(letters)):
+        for j in range(i + 1, len(letters)):
+            assert not np.array_equal(letters[i], letters[j])
+
+
+def test_sample_file_names_keep_turkish_words_readable() -> None:
+    from genlab.samples import Sample
+
+    assert Sample("Büyük bir küre, Çini kâse", 3).stem == "buyuk_bir_kure_cini_kase_03"
+    assert Sample("İznik ışığı", 0).stem == "iznik_isigi_00"
+    ink = Sample("水墨画", 1).stem
+    assert ink.startswith("prompt_") and ink == Sample("水墨画", 1).stem != Sample("山水画", 1).stem
+    assert Sample("", 2).stem == "unconditional_02"

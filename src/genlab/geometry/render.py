@@ -6,6 +6,7 @@ different meshes are comparable; meshes are not re-centred or re-scaled.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -160,8 +161,9 @@ def image_grid(
 ) -> Image.Image:
     """Tile images (resized to the first one's size) into a grid, optional caption under each.
 
-    ``ncols`` defaults to ``ceil(sqrt(n))``. Captions use PIL's default font and are cut
-    with "..." when wider than a tile.
+    ``ncols`` defaults to ``ceil(sqrt(n))``. Captions use DejaVu Sans (matplotlib's own font,
+    which covers Latin, Greek and Cyrillic letters such as Turkish "ÇŞĞİ") and are cut with
+    "..." when wider than a tile.
     """
     if not images:
         raise ValueError("image_grid needs at least one image")
@@ -171,7 +173,7 @@ def image_grid(
     ncols = max(1, min(ncols or int(np.ceil(np.sqrt(n))), n))
     nrows = -(-n // ncols)
     width, height = images[0].size
-    font = ImageFont.load_default()
+    font = caption_font()
     caption_h = _text_height(font) + pad if labels is not None else 0
     cell_w, cell_h = width + pad, height + caption_h + pad
     grid = Image.new("RGB", (ncols * cell_w + pad, nrows * cell_h + pad), "white")
@@ -190,6 +192,18 @@ def image_grid(
                 (x + (width - text_w) / 2, y + height + pad / 2), text, fill="black", font=font
             )
     return grid
+
+
+@functools.lru_cache(maxsize=1)
+def caption_font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """DejaVu Sans at ``size`` px (shipped with matplotlib); PIL's default font without it."""
+    from matplotlib import font_manager
+
+    try:
+        path = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"))
+        return ImageFont.truetype(path, size)
+    except (OSError, ValueError):
+        return ImageFont.load_default()
 
 
 def _text_height(font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:

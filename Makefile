@@ -9,14 +9,19 @@ STAMP := $(VENV)/.genlab-installed
 # the default job: a CPU-sized recipe of the voxel VAE-GAN (see conf/experiment/)
 ARGS ?= experiment=voxel_vaegan_cpu
 PYTEST_ARGS ?=
+# `make parity`: a separate venv with the unofficial pytorch3d wheel (needs torch 2.12.1, see
+# requirements-parity.lock), used only to compare genlab's geometry code against pytorch3d
+PARITY_VENV ?= .venv-p3d
+PARITY_STAMP := $(PARITY_VENV)/.parity-installed
 
-.PHONY: install train test lint lock clean-cache help
+.PHONY: install train test lint lock clean-cache help parity
 
 help:
 	@echo "make train  - install (if needed) and run the default job: python train.py $$ARGS"
 	@echo "make test   - install (if needed) and run the whole test suite"
 	@echo "make lint   - ruff lint + format check via pre-commit"
 	@echo "make lock   - rewrite requirements.lock from the current environment"
+	@echo "make parity - build $(PARITY_VENV) (torch 2.12.1 + pytorch3d wheel) and run tests/parity"
 
 install: $(STAMP)
 
@@ -41,3 +46,12 @@ lock: install
 
 clean-cache:
 	rm -rf .cache
+
+parity: $(PARITY_STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PARITY_VENV)/bin/python -m pytest tests/parity -v $(PYTEST_ARGS)
+
+$(PARITY_STAMP): requirements-parity.lock pyproject.toml
+	@test -x $(PARITY_VENV)/bin/python || $(PYTHON) -m venv $(PARITY_VENV)
+	$(PARITY_VENV)/bin/python -m pip install --disable-pip-version-check -q -r requirements-parity.lock
+	$(PARITY_VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps -e .
+	@touch $@

@@ -20,6 +20,8 @@ from genlab.data.errors import DataFileError
 
 __all__ = [
     "CaptionError",
+    "read_caption_records_csv",
+    "read_caption_records_json",
     "read_captions_csv",
     "read_captions_txt",
     "read_metadata_json",
@@ -50,7 +52,10 @@ def _read_text(path: str | os.PathLike[str]) -> str:
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise CaptionError(
-            path, f"not valid UTF-8: {err.reason} at byte {err.start}", line
+            path,
+            f"not valid UTF-8: {err.reason} at byte {err.start} "
+            "(save the file as UTF-8, e.g. 'iconv -f WINDOWS-1254 -t UTF-8' for Turkish text)",
+            line,
         ) from None
 
 
@@ -214,6 +219,111 @@ def _csv_rows(path: str | os.PathLike[str], text: str) -> Iterator[tuple[int, li
         line_num = reader.line_num
         if any(field.strip() for field in row):
             yield start, row
+
+
+def read_caption_records_csv(
+    path: str | os.PathLike[str],
+    key_columns: tuple[str, ...] = ("object_id", "file_name", "file"),
+    optional_columns: tuple[str, ...] = ("style",),
+) -> dict[str, dict[str, str]]:
+    """Read a captions CSV with optional extra columns into ``{key: {"caption": ..., ...}}``.
+
+    The key is the first of ``key_columns`` the header has (``object_id``, else a file
+    name); ``caption`` is required, ``optional_columns`` (``style``) are returned when the
+    header has them, ``""`` for an empty cell. Text is kept exactly as written apart from
+    surrounding whitespace (UTF-8, optional BOM). Raises :class:`CaptionError` like
+    :func:`read_captions_csv`.
+    """
+    rows = _csv_rows(path, _read_text(path))
+    header = next(rows, None)
+    expected = f"'{key_columns[0]},caption'"
+    if header is None:
+        raise CaptionError(path, f"empty file (expected a header such as {expected})")
+    header_line, columns = header
+    names = [c.strip().lower() for c in columns]
+    key = next((c for c in key_columns if c in names), None)
+    if key is None or "caption" not in names:
+        raise CaptionError(
+            path,
+            f"expected a header with 'caption' and one of {list(key_columns)}, "
+            f"got {_clip(','.join(columns))!r}",
+            header_line,
+        )
+    wanted = {"caption": names.index("caption")}
+    wanted |= {c: names.index(c) for c in optional_columns if c in names}
+    key_col = names.index(key)
+    out: dict[str, dict[str, str]] = {}
+    first_line: dict[str, int] = {}
+    for number, row in rows:
+        if len(row) <= max(key_col, wanted["caption"]):
+            raise CaptionError(
+                path, f"expected at least {len(names)} fields, got {len(row)}", number
+            )
+        name = row[key_col].strip()
+        if not name:
+            raise CaptionError(path, f"empty {key}", number)
+        record = {c: (row[i].strip() if i < len(row) else "") for c, i in wanted.items()}
+        if not record["caption"]:
+            raise CaptionError(path, f"empty caption for {name!r}", number)
+        _add_unique(path, out, first_line, name, record, number, key)
+    return out
+
+
+def read_caption_records_json(
+    path: str | os.PathLike[str], optional_fields: tuple[str, ...] = ("style",)
+) -> dict[str, dict[str, str]]:
+    """Captions (and ``optional_fields``) from a JSON file: ``{object_id: {"caption": ...}}``.
+
+    Accepted forms: ``{"objects": [{"object_id": ..., "caption": ..., "style": ...}, ...]}``,
+    ``{"<object_id>": {"caption": ..., "style": ...}, ...}`` and ``{"<object_id>": "caption"}``.
+    Missing optional fields come back as ``""``. Raises :class:`CaptionError` naming the file
+    and the entry for invalid JSON, missing or non-string captions and duplicate ids.
+    """
+    try:
+        data = json.loads(_read_text(path), object_pairs_hook=_pairs_keeping_duplicates)
+    except json.JSONDecodeError as err:
+        raise CaptionError(
+            path, f"invalid JSON: {err.msg} (column {err.colno})", err.lineno
+        ) from None
+    if not isinstance(data, _Pairs):
+        raise CaptionError(path, f"expected a JSON object, got {_json_type(data)}")
+    top = dict(data.pairs)
+    if isinstance(top.get("objects"), list):
+        entries = []
+        for index, record in enumerate(top["objects"]):
+            if not isinstance(record, _Pairs):
+                raise CaptionError(
+                    path, f"objects[{index}]: expected a JSON object, got {_json_type(record)}"
+                )
+            fields = dict(record.pairs)
+            object_id = fields.get("object_id")
+            if not isinstance(object_id, str) or not object_id.strip():
+                raise CaptionError(path, f"objects[{index}]: missing or empty 'object_id'")
+            entries.append((object_id.strip(), fields, f"objects[{index}]"))
+    else:
+        entries = []
+        for object_id, value in data.pairs:
+            fields = dict(value.pairs) if isinstance(value, _Pairs) else {"caption": value}
+            entries.append((object_id.strip(), fields, f"entry {object_id!r}"))
+    out: dict[str, dict[str, str]] = {}
+    for object_id, fields, entry in entries:
+        caption = fields.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise CaptionError(path, f"{entry}: missing, empty or non-string 'caption'")
+        record = {"caption": caption.strip()}
+        for name in optional_fields:
+            value = fields.get(name, "")
+            if value is None:
+                value = ""
+            if not isinstance(value, str):
+                raise CaptionError(
+                    path, f"{entry}: {name!r} must be a string, got {_json_type(value)}"
+                )
+            record[name] = value.strip()
+        if object_id in out:
+            raise CaptionError(path, f"{entry}: duplicate object id {object_id!r}")
+        out[object_id] = record
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ genlab-data list                                   known data sets
 genlab-data fetch modelnet40 [--archive F | --url U] [--sha256 H] [--force]
 genlab-data clear-cache [NAME]                     delete downloaded archives
 genlab-data validate data=mesh_folder data.dataset.root=... [more Hydra overrides]
-genlab-data export-synthetic --out data/raw/synthetic_shapes [--num-per-class N ...]
+genlab-data export-synthetic --out data/raw/synthetic_shapes [--num-per-class N ...] [--styles]
 genlab-data params [overrides]                     compose conf/pipeline.yaml into params.yaml
 genlab-data pull                                   the pipeline's raw data: dvc pull, else fetch/generate
 ```
@@ -109,6 +109,7 @@ def _export(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         num_points=args.num_points,
         overwrite=args.overwrite,
+        styles=args.styles,
     )
     print(path)
     return 0
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--image-size", type=int, default=128)
     export.add_argument("--num-points", type=int, default=4096)
     export.add_argument("--overwrite", action="store_true")
+    export.add_argument(
+        "--styles", action="store_true", help="add a style column to captions.csv (Turkish)"
+    )
 
     params = sub.add_parser("params", help="compose conf/pipeline.yaml into params.yaml")
     params.add_argument("overrides", nargs="*")

@@ -623,15 +623,7 @@ class ObjaverseDataModule(SeededDataModule):
             return
         # a report from an earlier validate() (train.py checks the data first) is reused
         report = self.report if self.report is not None else self.validate()
-        if not report.ok:
-            if self.on_bad_file == "error":
-                report.raise_if_bad()
-            log.warning(
-                "%d problem(s); %d object(s) skipped (data.on_bad_file=skip):\n%s",
-                len(report.problems),
-                len(self.skipped),
-                report.summary(),
-            )
+        report.enforce(self.on_bad_file, len(self.skipped))
         if not self.objects:
             raise ValueError(f"{self.root}: no usable objects ({len(self.skipped)} skipped)")
         by_id = {o.object_id: o for o in self.objects}

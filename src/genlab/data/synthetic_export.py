@@ -34,7 +34,9 @@ For each shape of :func:`genlab.data.synthetic_shapes.generate` (object ids
   elevations varying along the orbit, ``elevation_v = 20 + 15 * sin(2 pi v / num_views)``
   degrees (5 to 35); renders are shaded in the object's colour, RGBA with alpha = mask;
 - ``captions.csv`` (the synthetic captions, "a large torus on the left") and ``metadata.json``
-  (one record per image with its normal map, camera and view, plus the export parameters).
+  (one record per image with its normal map, camera and view, plus the export parameters);
+  with ``styles=True`` captions.csv has a third column ``style``: a Turkish style phrase
+  from :data:`STYLE_PHRASES` picked by the object's index (every sixth object has none).
 
 The same arguments give byte-identical files (no timestamps, fixed formatting, sorted JSON
 keys), so a DVC hash of the folder is stable. The folder is built in a temporary sibling and
@@ -65,10 +67,20 @@ from genlab.geometry.mesh_io import save_mesh
 from genlab.geometry.rasterize import render_view
 from genlab.geometry.surface import sample_surface
 
-__all__ = ["DEFAULT_CLASSES", "export_objaverse_layout", "orbit_cameras"]
+__all__ = ["DEFAULT_CLASSES", "STYLE_PHRASES", "export_objaverse_layout", "orbit_cameras"]
 
 DEFAULT_CLASSES: tuple[str, ...] = ("sphere", "box", "cylinder", "cone", "torus")
 EXPORT_VERSION = 1
+#: Style descriptions written with ``styles=True`` (object ``n`` gets ``STYLE_PHRASES[n % 6]``;
+#: the empty entry leaves an object without style).
+STYLE_PHRASES: tuple[str, ...] = (
+    "Selçuklu geometrik yıldız deseni",
+    "İznik çini motifleri, kobalt mavisi",
+    "Osmanlı lale ve karanfil deseni",
+    "Anadolu kilim motifi",
+    "ebru desenli yüzey",
+    "",
+)
 
 
 def orbit_cameras(num_views: int, distance: float, fov_deg: float, image_size: int) -> list[Camera]:
@@ -97,11 +109,13 @@ def export_objaverse_layout(
     camera_distance: float = 2.0,
     fov_deg: float = 40.0,
     overwrite: bool = False,
+    styles: bool = False,
 ) -> Path:
     """Write the synthetic shapes in the Objaverse/Shap-E layout (module docstring) to ``out_dir``.
 
     Refuses (``FileExistsError``) a non-empty ``out_dir`` unless ``overwrite``; the folder only
-    appears, complete, at the end. Returns ``out_dir``.
+    appears, complete, at the end. ``styles`` adds the ``style`` column to captions.csv.
+    Returns ``out_dir``.
     """
     out = Path(out_dir)
     unknown = [c for c in classes if c not in SHAPES]
@@ -126,6 +140,8 @@ def export_objaverse_layout(
         "fov_deg": float(fov_deg),
         "version": EXPORT_VERSION,
     }
+    if styles:  # only then, so the files of existing exports stay byte-identical
+        params["styles"] = True
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -143,7 +159,7 @@ def _write_all(root: Path, params: dict, cameras: list[Camera]) -> None:
         params["classes"], params["num_per_class"], params["voxel_size"], params["seed"]
     )
     counters = dict.fromkeys(params["classes"], 0)
-    captions: list[tuple[str, str]] = []
+    captions: list[tuple[str, ...]] = []
     records: list[dict[str, str]] = []
     views = [f"{v:03d}" for v in range(len(cameras))]
     items = list(zip(data.voxels, data.captions, data.labels, strict=True))
@@ -154,7 +170,8 @@ def _write_all(root: Path, params: dict, cameras: list[Camera]) -> None:
         rng = np.random.default_rng([params["seed"], n])
         color = rng.integers(64, 240, size=3)
         _write_object(root, object_id, grid, color, int(rng.integers(2**31)), params, cameras)
-        captions.append((object_id, caption))
+        style = (STYLE_PHRASES[n % len(STYLE_PHRASES)],) if params.get("styles") else ()
+        captions.append((object_id, caption, *style))
         for view in views:
             records.append(
                 {
@@ -167,7 +184,7 @@ def _write_all(root: Path, params: dict, cameras: list[Camera]) -> None:
             )
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["object_id", "caption"])
+    writer.writerow(["object_id", "caption", *(["style"] if params.get("styles") else [])])
     writer.writerows(captions)
     (root / "captions.csv").write_text(buffer.getvalue(), encoding="utf-8")
     metadata = {"generator": {"name": "genlab.data.synthetic_export", **params}, "images": records}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -40,6 +41,8 @@ BAD_FILE_POLICIES: tuple[str, ...] = ("error", "skip")
 _LISTED = 20
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 
 class DataValidationError(ValueError):
@@ -120,6 +123,21 @@ class ValidationReport:
         """Raise :class:`DataValidationError` listing the problems, if there are any."""
         if not self.ok:
             raise DataValidationError(f"{self.summary()}\n({hint})")
+
+    def enforce(self, on_bad_file: str, num_skipped: int, what: str = "object") -> None:
+        """Apply the ``data.on_bad_file`` policy: raise listing every problem (``error``), or
+        warn how many ``what``s the problems leave out (``skip``)."""
+        if self.ok:
+            return
+        if on_bad_file == "error":
+            self.raise_if_bad()
+        log.warning(
+            "%d problem(s); %d %s(s) skipped (data.on_bad_file=skip):\n%s",
+            len(self.problems),
+            num_skipped,
+            what,
+            self.summary(),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

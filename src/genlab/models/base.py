@@ -52,6 +52,45 @@ class GenerativeModule(pl.LightningModule):
         return path
 
 
+def load_partial_state(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, Any],
+    expected: set[str],
+    strict: bool,
+    assign: bool,
+    what: str,
+) -> tuple[list[str], Any]:
+    """Load a state dict that holds only ``expected`` keys (the trained ones) into ``module``.
+
+    Every other weight keeps its live value. Keys the module does not have, expected keys
+    the file lacks (``strict``) and tensors of another shape raise one ``RuntimeError``
+    starting with ``what`` and listing examples of each. Returns the keys loaded that were
+    not expected (e.g. frozen base weights) and the usual ``_IncompatibleKeys``.
+    """
+    live = torch.nn.Module.state_dict(module)
+    unexpected = sorted(k for k in state_dict if k not in live)
+    missing = sorted(expected - set(state_dict))
+    mismatched = sorted(
+        k for k in state_dict if k in live and tuple(state_dict[k].shape) != tuple(live[k].shape)
+    )
+    if mismatched or (strict and (missing or unexpected)):
+        example = (
+            f": {mismatched[0]} is {tuple(state_dict[mismatched[0]].shape)} in the file, "
+            f"{tuple(live[mismatched[0]].shape)} here"
+            if mismatched
+            else ""
+        )
+        raise RuntimeError(
+            f"{what}: {len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}), {len(mismatched)} of another shape{example}"
+        )
+    merged = dict(live)
+    merged.update({k: v for k, v in state_dict.items() if k in live})
+    torch.nn.Module.load_state_dict(module, merged, strict=True, assign=assign)
+    extra = sorted(k for k in state_dict if k in live and k not in expected)
+    return extra, torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
 def load_weights(module: torch.nn.Module, path: str | Path) -> None:
     """Load a Lightning ``.ckpt`` (weights only, no pickled code) or a ``.safetensors`` file."""
     path = Path(path)

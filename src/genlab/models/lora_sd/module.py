@@ -35,7 +35,7 @@ from genlab.metrics.fidelity_report import (
     write_fidelity_csv,
     write_fidelity_json,
 )
-from genlab.models.base import GenerativeModule
+from genlab.models.base import GenerativeModule, load_partial_state
 from genlab.models.lora_sd import lora as lora_io
 from genlab.models.lora_sd.components import (
     Components,
@@ -901,31 +901,18 @@ class LoRADreamBooth(GenerativeModule):
         if lora_io.is_lora_file_state(state_dict):
             lora_io.load_lora_into(state_dict, self.components, self.adapted, self.lora_settings)
             return torch.nn.modules.module._IncompatibleKeys([], [])
-        live = torch.nn.Module.state_dict(self)
-        trainable = self._trainable_keys()
-        unexpected = sorted(k for k in state_dict if k not in live)
-        frozen = sorted(k for k in state_dict if k in live and k not in trainable)
-        missing = sorted(trainable - set(state_dict))
-        mismatched = sorted(
-            k
-            for k in state_dict
-            if k in live and tuple(state_dict[k].shape) != tuple(live[k].shape)
+        frozen, keys = load_partial_state(
+            self,
+            state_dict,
+            self._trainable_keys(),
+            strict,
+            assign,
+            f"LoRA state dict does not match this model ({self.architecture}, rank "
+            f"{self.lora_settings.rank}, targets {self.lora_settings.target_modules})",
         )
-        if mismatched or (strict and (unexpected or missing)):
-            raise RuntimeError(
-                f"LoRA state dict does not match this model ({self.architecture}, rank "
-                f"{self.lora_settings.rank}, targets {self.lora_settings.target_modules}): "
-                f"{len(missing)} missing (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-                f"{len(mismatched)} of another shape (e.g. {mismatched[:1]}: "
-                f"{tuple(state_dict[mismatched[0]].shape) if mismatched else ()} in the file)"
-            )
-        merged = dict(live)
-        merged.update({k: v for k, v in state_dict.items() if k in live})
         if frozen:
             log.warning("%d frozen base weight(s) in the state dict were loaded too", len(frozen))
-        torch.nn.Module.load_state_dict(self, merged, strict=True, assign=assign)
-        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+        return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lora_sd"] = {

@@ -249,8 +249,17 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa)
 
 
+# --size small: the tiny latent (64, 32) with a 4-layer, 256-wide transformer, so that a step
+# costs tens of milliseconds (as a real step does) rather than the few of the tests' prior, where
+# Lightning's own fixed per-step cost (about 0.5 ms, also measured below) dominates
+SMALL_PRIOR = {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 64}
+
+
 def bench_tiny(args: argparse.Namespace, device: torch.device, tmp: str) -> None:
     cfg = model_config("shape_e_tiny", ["model.clip_scorer=null", f"paths.cache_dir={tmp}"])
+    if args.size == "small":
+        with open_dict(cfg):
+            cfg.components.prior = dict(SMALL_PRIOR)
     model = instantiate(cfg)
     twin = tiny_components(**tiny_kwargs(cfg))
     identical = same_weights(model.prior, twin.prior) and same_weights(
@@ -261,7 +270,7 @@ def bench_tiny(args: argparse.Namespace, device: torch.device, tmp: str) -> None
     n_params = sum(p.numel() for _, p in model.trainable_parameters())
     print(
         f"device: {device}{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}; "
-        f"tiny Shap-E prior (model=shape_e_tiny, {n_params} trained weights, latent "
+        f"{args.size} Shap-E prior (model=shape_e_tiny, {n_params} trained weights, latent "
         f"{model.latent_shape}), float32, batch {args.batch}, {args.warmup} warm-up + "
         f"{args.steps} timed steps each, alternated; identical weights: {identical}"
     )
@@ -349,6 +358,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--real-size", action="store_true", help="the text300M architecture")
     parser.add_argument("--finetune", choices=("full", "lora"), default="full")
+    parser.add_argument(
+        "--size",
+        choices=("small", "tiny"),
+        default="small",
+        help="small: tiny latent, 4 x 256-wide layers (default); tiny: the tests' prior",
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None, help="timed steps: 30 / 10")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps: 5 / 3")

@@ -47,12 +47,15 @@ def test_one_epoch_writes_checkpoint_previews_and_metrics(run: tuple[Path, dict]
     assert on_disk == pytest.approx(metrics)
     for key in ("val/loss", "val/iou", "val/chamfer", "val/fscore", "test/iou", "train/grad_norm"):
         assert key in on_disk and np.isfinite(on_disk[key]), key
+    # FD (tiny DINO) between previews of the predicted and the target validation shapes
+    assert np.isfinite(on_disk["val/fid"]) and on_disk["val/fid"] > 0
     assert 0.0 <= on_disk["val/iou"] <= 1.0 and 0.0 <= on_disk["val/fscore"] <= 1.0
     assert on_disk["val/chamfer"] > 0 and on_disk["train/voxel_size"] == 8
 
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     keys = list(ckpt["state_dict"])
-    assert not any(k.startswith("text_encoder.") for k in keys)  # frozen T5: rebuilt, not saved
+    # frozen T5 and FID extractor: rebuilt, not saved
+    assert not any(k.startswith(("text_encoder.", "fid.")) for k in keys)
     for size_index in range(3):  # every size's head exists from the start
         assert f"decoder.heads.{size_index}.weight" in keys
     assert len(ckpt["optimizer_states"]) == 1 and ckpt["lr_schedulers"]
@@ -127,3 +130,16 @@ def test_points_only_inference_from_a_reference_cloud(
     b = trimesh.load(without / "unconditional_00.ply", process=False)
     assert len(a.vertices) > 0
     assert len(a.vertices) != len(b.vertices) or not np.allclose(a.vertices, b.vertices)
+
+
+def test_inference_builds_no_validation_scorer(run: tuple[Path, dict], tmp_path: Path) -> None:
+    """The FD feature extractor is a training-time part: inference leaves it out (nothing to
+    load or download), while the trained weights are the run's."""
+    from genlab.tasks.model_loading import build_model
+
+    ckpt = run[0] / "checkpoints" / "last.ckpt"
+    cfg = compose_config("inference", ["model=otuken3d_tiny", f"ckpt_path={ckpt}"], tmp_path)
+    with_fid, without = build_model(cfg), build_model(cfg, without=("fid",))
+    assert with_fid.fid is not None and without.fid is None
+    a, b = with_fid.state_dict(), without.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

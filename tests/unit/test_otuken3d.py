@@ -292,7 +292,8 @@ def test_checkpoint_round_trip_and_frozen_text_encoder(tmp_path: Path) -> None:
     model = build_model("model.text_unfreeze_epoch=5")
     model.eval()
     keys = list(model.state_dict())
-    assert keys and not any(k.startswith("text_encoder.") for k in keys)
+    assert model.fid is not None  # the tiny DINO FID extractor: rebuilt, not saved or optimised
+    assert keys and not any(k.startswith(("text_encoder.", "fid.")) for k in keys)
     assert "trained_size" in keys
     model.trained_size.fill_(12)
     path = tmp_path / "last.ckpt"
@@ -316,6 +317,8 @@ def test_checkpoint_round_trip_and_frozen_text_encoder(tmp_path: Path) -> None:
     )
     opt = model.configure_optimizers()["optimizer"]
     assert [g["name"] for g in opt.param_groups] == ["otuken3d", "text_encoder"]
+    optimised = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not optimised & {id(p) for p in model.fid.parameters()}
     assert opt.param_groups[1]["lr"] == pytest.approx(opt.param_groups[0]["lr"] * 0.1)
 
 

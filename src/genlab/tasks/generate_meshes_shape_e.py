@@ -58,7 +58,7 @@ def generate_meshes_shape_e(
     from genlab.data.images import read_image
     from genlab.models.shape_e.decode import write_turntable_gif
 
-    model = build_model(cfg).to(resolve_device(device))
+    model = build_model(cfg, without=("clip_scorer",)).to(resolve_device(device))
     conditioning = getattr(model, "conditioning", None)
     if conditioning is None:
         raise TypeError(f"{type(model).__name__} is not a Shap-E prior (model=shape_e*)")

@@ -86,7 +86,7 @@ def generate_shapes_styled(
         raise ValueError(f"style_mix must lie in [0, 1], got {style_mix}")
     if style_mix > 0 and not cfg.get("style_b"):
         raise ValueError(f"style_mix={style_mix} needs a second style: style_b=...")
-    model = build_model(cfg)
+    model = build_model(cfg, without=("fid",))
     samples = model.sample(
         prompts,
         int(cfg.num_samples),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -30,8 +31,12 @@ def model_overrides() -> list[str]:
     return [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("model.")]
 
 
-def build_model(cfg: DictConfig):
-    """Instantiate ``cfg.model`` (or the training run's model config) and load ``cfg.ckpt_path`` into it."""
+def build_model(cfg: DictConfig, without: Sequence[str] = ()):
+    """Instantiate ``cfg.model`` (or the training run's model config) and load ``cfg.ckpt_path`` into it.
+
+    ``without``: model keys set to null before building, for parts that only training uses
+    (validation scorers whose weights would otherwise be loaded or downloaded for nothing).
+    """
     if not cfg.get("ckpt_path"):
         raise ValueError(
             "ckpt_path is required: pass ckpt_path=<run>/checkpoints/last.ckpt (or a .safetensors)"
@@ -51,6 +56,11 @@ def build_model(cfg: DictConfig):
             "no .hydra/config.yaml beside %s: building the model from this command line's config",
             ckpt,
         )
+    if without:
+        model_cfg = model_cfg.copy()
+        for key in without:
+            if key in model_cfg:
+                model_cfg[key] = None
     model = instantiate(model_cfg)
     load_weights(model, ckpt)
     return model.eval()

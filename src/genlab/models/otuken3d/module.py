@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genlab.geometry.marching_cubes import MeshExtractor
+from genlab.geometry.marching_cubes import IsoLevelWarning, MeshExtractor
 from genlab.geometry.mesh_batch import MeshBatch
 from genlab.geometry.mesh_losses import (
     chamfer_distance,
@@ -17,6 +19,8 @@ from genlab.geometry.mesh_losses import (
     mesh_laplacian_smoothing,
     sample_points_from_meshes,
 )
+from genlab.geometry.render import render_mesh_preview
+from genlab.metrics.frechet import FrechetDistance
 from genlab.metrics.voxel import voxel_iou
 from genlab.models.base import GenerativeModule
 from genlab.models.otuken3d.networks import (
@@ -84,6 +88,11 @@ class Otuken3D(GenerativeModule):
     a copy of the previous size's, so its first output is the resized previous output
     (``fade_in_epochs`` blends further). Modality dropout trains text-only and points-only
     conditioning so that inference works from text alone.
+    With ``fid`` (a :class:`~genlab.metrics.frechet.FrechetDistance`), validation renders
+    previews (``fid_render_size`` px, the samples' preview renderer) of the marching-cubes
+    meshes of the predicted and of the target occupancy at the active size, feeds them as
+    fake and real images and logs ``val/fid`` at epoch end once ``fid.min_samples`` objects
+    were seen (summed over DDP processes by the metric itself).
     The frozen text encoder stays out of checkpoints; ``text_unfreeze_epoch`` unfreezes it
     (its own parameter group at ``text_lr_scale`` x the learning rate, present from the start)
     and from then on it is saved.
@@ -119,6 +128,8 @@ class Otuken3D(GenerativeModule):
         threshold: float = 0.5,
         fscore_threshold: float = 0.01,
         mesh_extraction: MeshExtractor | None = None,
+        fid: FrechetDistance | None = None,
+        fid_render_size: int = 256,
         main_metric: str = "val/loss",
         main_metric_mode: str = "min",
     ) -> None:
@@ -164,6 +175,7 @@ class Otuken3D(GenerativeModule):
                 "optimizer",
                 "scheduler",
                 "mesh_extraction",
+                "fid",
             ]
         )
         self.text_encoder = text_encoder
@@ -176,6 +188,7 @@ class Otuken3D(GenerativeModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.mesh_extraction = mesh_extraction or MeshExtractor()
+        self.fid = fid
         self.main_metric = main_metric
         self.voxel_sizes = sizes
         self.grow_schedule = parse_grow_schedule(grow_schedule or {0: sizes[-1]}, sizes)
@@ -186,8 +199,9 @@ class Otuken3D(GenerativeModule):
     # ---- frozen parts ----------------------------------------------------------------------
     @property
     def frozen_modules(self) -> tuple[str, ...]:  # type: ignore[override]
-        """The text encoder while it is frozen (rebuilt from config, so not checkpointed)."""
-        return () if self.text_encoder.trainable else ("text_encoder",)
+        """The FID feature extractor, and the text encoder while it is frozen (both rebuilt from
+        config, so not checkpointed)."""
+        return ("fid",) if self.text_encoder.trainable else ("fid", "text_encoder")
 
     # ---- progressive growth ----------------------------------------------------------------
     def size_at(self, epoch: int) -> tuple[int, int]:
@@ -419,9 +433,45 @@ class Otuken3D(GenerativeModule):
                 batch_size=len(batch["points"]),
                 sync_dist=True,
             )
+        if stage == "val":
+            self._update_fid(probs, parts["target"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")
+
+    # ---- FID over previews -----------------------------------------------------------------
+    @torch.no_grad()
+    def render_previews(self, grids: torch.Tensor) -> torch.Tensor:
+        """Previews ``(B, 3, S, S)`` uint8 (``S = fid_render_size``) of occupancy ``(B, 1, R, R, R)``:
+        the meshes :meth:`sample` would export (``mesh_extraction``), drawn by the samples'
+        preview renderer; a grid without a surface gives the "no surface" picture."""
+        size = self.hparams.fid_render_size
+        with warnings.catch_warnings():  # an untrained model's grids rarely reach the iso-level
+            warnings.simplefilter("ignore", IsoLevelWarning)
+            meshes = [self.mesh_extraction(g) for g in grids.detach().float().squeeze(1).cpu()]
+        images = np.stack([np.asarray(render_mesh_preview(m, size=size)) for m in meshes])
+        return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+    def _fid_active(self) -> bool:
+        return self.fid is not None and not (self._trainer and self.trainer.sanity_checking)
+
+    def _update_fid(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        if self._fid_active():
+            self.fid.update(self.render_previews(target), real=True)
+            self.fid.update(self.render_previews(probs), real=False)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.fid is not None:
+            self.fid.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._fid_active():
+            return
+        value = self.fid.compute()  # on every process: torchmetrics sums their statistics first
+        self.fid.reset()
+        if value is not None:
+            # the same value on every process: sync_dist only averages identical numbers
+            self.log("val/fid", value, sync_dist=True)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "test")
@@ -512,7 +562,7 @@ class Otuken3D(GenerativeModule):
 
     # ---- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
-        own = [p for n, p in self.named_parameters() if not n.startswith("text_encoder.")]
+        own = [p for n, p in self.named_parameters() if not n.startswith(("text_encoder.", "fid."))]
         groups: list[dict] = [{"params": own, "name": "otuken3d"}]
         if self.hparams.text_unfreeze_epoch is not None:
             groups.append({"params": list(self.text_encoder.parameters()), "name": "text_encoder"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -60,6 +61,9 @@ class WeightsDigest(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if "object_id" in batch:  # objects with ids (objaverse, captioned meshes)
+            self.samples += [str(i) for i in batch["object_id"]]
+            return
         for voxels, caption in zip(batch["voxels"], batch["caption"], strict=True):
             data = voxels.cpu().numpy().tobytes() + caption.encode()
             self.samples.append(hashlib.sha1(data).hexdigest())
@@ -151,6 +155,54 @@ def test_ddp_two_cpu_processes_train_one_model_in_one_run_dir(tmp_path: Path) ->
     with (run / "conditioning.csv").open() as fh:
         header = next(csv.reader(fh))
     assert sorted(c for c in header if c in CLASSES) == sorted(CLASSES), header
+
+
+def _otuken3d_args(tmp_path: Path) -> list[str]:
+    from tests.integration.test_otuken3d_train import TINY_OTUKEN3D
+
+    return [
+        o for o in TINY_OTUKEN3D if not o.startswith(("trainer.max_epochs", "callbacks.samples"))
+    ]
+
+
+def _shape_e_args(tmp_path: Path) -> list[str]:
+    from genlab.data.synthetic_export import export_objaverse_layout
+    from genlab.models.shape_e.encode import build_encoder, encode_folder
+    from tests.integration.test_shape_e_train import train_overrides
+
+    root = export_objaverse_layout(
+        tmp_path / "objects", classes=("sphere", "box"), num_per_class=4, voxel_size=16,
+        num_views=2, image_size=32, num_points=512,
+    )  # fmt: skip
+    encode_folder(root, build_encoder("shape_e_encoder_tiny", [], None), num_points=512)
+    overrides = train_overrides(root, "shape_e_tiny", "data.val_fraction=0.25")
+    return [o for o in overrides if not o.startswith(("trainer.max_epochs", "data.val_fraction"))]
+
+
+@pytest.mark.parametrize(
+    ("method", "args"), [("otuken3d", _otuken3d_args), ("shape_e", _shape_e_args)]
+)
+def test_new_methods_train_under_ddp_with_identical_weights(
+    method: str, args: Any, tmp_path: Path
+) -> None:
+    """otuken3d (progressive growth, FD/Chamfer metrics) and the Shap-E prior (non-finite-step
+    vote, sampled validation) in 2 CPU processes: one run dir, the same weights on both ranks,
+    each rank its own objects."""
+    run_train(
+        tmp_path, *args(tmp_path), "trainer.max_epochs=2", *TWO, DIGEST, f"task_name={method}",
+        "callbacks.samples=null",
+    )  # fmt: skip
+    (run,) = list((tmp_path / "logs" / method / "runs").iterdir())
+    assert hydra_dirs(tmp_path) == [run]
+    rank0, rank1 = rank_reports(run)
+    assert rank0["world_size"] == 2 and rank0["start"] == rank1["start"]
+    assert rank0["params"] == rank1["params"] != rank0["start"]
+    firsts = [set(r["samples"][: len(r["samples"]) // 2]) for r in (rank0, rank1)]
+    # each rank trained on its own objects in the first epoch (DistributedSampler repeats one
+    # object to even out an odd count)
+    assert min(map(len, firsts)) >= 2 and len(firsts[0] & firsts[1]) <= 1
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["scaling/world_size"] == 2 and math.isfinite(metrics["val/loss"])
 
 
 def test_multirun_of_ddp_jobs_with_linear_lr_scaling(tmp_path: Path) -> None:

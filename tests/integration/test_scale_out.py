@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+import torch
 import yaml
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -64,9 +65,10 @@ class WeightsDigest(pl.Callback):
         if "object_id" in batch:  # objects with ids (objaverse, captioned meshes)
             self.samples += [str(i) for i in batch["object_id"]]
             return
-        for voxels, caption in zip(batch["voxels"], batch["caption"], strict=True):
-            data = voxels.cpu().numpy().tobytes() + caption.encode()
-            self.samples.append(hashlib.sha1(data).hexdigest())
+        # otherwise the largest tensor of each sample (voxels, photos, views) identifies it
+        tensors = [v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 1]
+        for sample in max(tensors, key=lambda t: t[0].numel()):
+            self.samples.append(hashlib.sha1(sample.cpu().numpy().tobytes()).hexdigest())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         out = Path(trainer.default_root_dir) / f"weights_rank{trainer.global_rank}.json"
@@ -179,15 +181,51 @@ def _shape_e_args(tmp_path: Path) -> list[str]:
     return [o for o in overrides if not o.startswith(("trainer.max_epochs", "data.val_fraction"))]
 
 
+def _lora_sd_args(tmp_path: Path) -> list[str]:
+    import numpy as np
+    from PIL import Image
+
+    from tests.integration.test_lora_sd_train import overrides
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    args = overrides("lora_sd_tiny", photos, tmp_path / "tok", "data.val_fraction=0.2")
+    drop = ("trainer.max_epochs", "callbacks.samples", "data.val_fraction=0.25")
+    return [o for o in args if not o.startswith(drop)]
+
+
+def _mv_diffusion_args(tmp_path: Path) -> list[str]:
+    from genlab.data.synthetic_export import export_objaverse_layout
+
+    data = export_objaverse_layout(
+        tmp_path / "data", classes=("sphere", "box"), num_per_class=3, voxel_size=16,
+        num_views=4, image_size=32, num_points=64,
+    )  # fmt: skip
+    return [
+        "model=mv_diffusion_tiny", "data=mvds", f"data.root={data}", "data.image_size=32",
+        "data.num_views=4", "data.batch_size=2", "data.val_fraction=0.2",
+        "model.num_inference_steps=2", "model.lpips=false", "test=false", "logger=csv",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("method", "args"), [("otuken3d", _otuken3d_args), ("shape_e", _shape_e_args)]
+    ("method", "args"),
+    [
+        ("otuken3d", _otuken3d_args),
+        ("shape_e", _shape_e_args),
+        ("lora_sd", _lora_sd_args),
+        ("mv_diffusion", _mv_diffusion_args),
+    ],
 )
-def test_new_methods_train_under_ddp_with_identical_weights(
+def test_each_method_trains_under_ddp_with_identical_weights(
     method: str, args: Any, tmp_path: Path
 ) -> None:
-    """otuken3d (progressive growth, FD/Chamfer metrics) and the Shap-E prior (non-finite-step
-    vote, sampled validation) in 2 CPU processes: one run dir, the same weights on both ranks,
-    each rank its own objects."""
+    """otuken3d (progressive growth, FD/Chamfer metrics), the Shap-E prior (non-finite-step vote,
+    sampled validation), DreamBooth LoRA and multi-view diffusion in 2 CPU processes: one run
+    dir, the same weights on both ranks, each rank its own samples."""
     run_train(
         tmp_path, *args(tmp_path), "trainer.max_epochs=2", *TWO, DIGEST, f"task_name={method}",
         "callbacks.samples=null",
@@ -198,8 +236,8 @@ def test_new_methods_train_under_ddp_with_identical_weights(
     assert rank0["world_size"] == 2 and rank0["start"] == rank1["start"]
     assert rank0["params"] == rank1["params"] != rank0["start"]
     firsts = [set(r["samples"][: len(r["samples"]) // 2]) for r in (rank0, rank1)]
-    # each rank trained on its own objects in the first epoch (DistributedSampler repeats one
-    # object to even out an odd count)
+    # each rank trained on its own samples in the first epoch (DistributedSampler repeats
+    # one to even out an odd count)
     assert min(map(len, firsts)) >= 2 and len(firsts[0] & firsts[1]) <= 1
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["scaling/world_size"] == 2 and math.isfinite(metrics["val/loss"])

@@ -215,6 +215,19 @@ def test_overfit_one_latent_then_sample_converges_to_it():
 # ------------------------------------------------------------------------------ module
 
 
+def _one_step_trainer(root) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(root),
+        accelerator="cpu",
+    )
+
+
 def test_nan_batch_skips_the_step_and_keeps_the_weights(tmp_path, caplog):
     module = _module()
     before = {n: p.detach().clone() for n, p in module.prior.named_parameters()}
@@ -223,16 +236,7 @@ def test_nan_batch_skips_the_step_and_keeps_the_weights(tmp_path, caplog):
         "caption": [CAPTION] * 2,
         "object_id": ["a", "b"],
     }
-    trainer = pl.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=str(tmp_path),
-        accelerator="cpu",
-    )
+    trainer = _one_step_trainer(tmp_path)
     loader = DataLoader([bad], batch_size=None)
     with caplog.at_level(logging.WARNING, logger="genlab.models.shape_e.module"):
         trainer.fit(module, train_dataloaders=loader)
@@ -247,16 +251,7 @@ def test_nan_batch_skips_the_step_and_keeps_the_weights(tmp_path, caplog):
         "caption": [CAPTION] * 2,
         "object_id": ["a", "b"],
     }
-    trainer = pl.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=str(tmp_path),
-        accelerator="cpu",
-    )
+    trainer = _one_step_trainer(tmp_path)
     trainer.fit(module, train_dataloaders=DataLoader([good], batch_size=None))
     assert any(not torch.equal(p, before[n]) for n, p in module.prior.named_parameters())
 

@@ -24,3 +24,16 @@ def shared_path(shared_testdata: Path, *parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{'/'.join(parts)} not present in ../shared/testdata: {path} does not exist")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: on a shared 2-core machine two busy OpenMP
+    threads can slow tiny models tenfold. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

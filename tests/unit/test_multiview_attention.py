@@ -17,13 +17,7 @@ from genlab.nn.multiview_attention import (
 B, D, N, L, C = 2, 2, 3, 5, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """On a shared 2-core machine two busy OpenMP threads can slow small models 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,7 @@ from tests.helpers import CONF_DIR
 B, N, S = 2, 4, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """On a shared 2-core machine two busy OpenMP threads can slow these tiny models 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def model_config(*overrides: str):

@@ -269,6 +269,20 @@ def read_caption_records_csv(
     return out
 
 
+def _read_json_object(path: str | os.PathLike[str]) -> _Pairs:
+    """The top-level JSON object of ``path`` (duplicate keys kept, in order); a
+    :class:`CaptionError` naming the file, line and column when it is not one."""
+    try:
+        data = json.loads(_read_text(path), object_pairs_hook=_pairs_keeping_duplicates)
+    except json.JSONDecodeError as err:
+        raise CaptionError(
+            path, f"invalid JSON: {err.msg} (column {err.colno})", err.lineno
+        ) from None
+    if not isinstance(data, _Pairs):
+        raise CaptionError(path, f"expected a JSON object, got {_json_type(data)}")
+    return data
+
+
 def read_caption_records_json(
     path: str | os.PathLike[str], optional_fields: tuple[str, ...] = ("style",)
 ) -> dict[str, dict[str, str]]:
@@ -279,14 +293,7 @@ def read_caption_records_json(
     Missing optional fields come back as ``""``. Raises :class:`CaptionError` naming the file
     and the entry for invalid JSON, missing or non-string captions and duplicate ids.
     """
-    try:
-        data = json.loads(_read_text(path), object_pairs_hook=_pairs_keeping_duplicates)
-    except json.JSONDecodeError as err:
-        raise CaptionError(
-            path, f"invalid JSON: {err.msg} (column {err.colno})", err.lineno
-        ) from None
-    if not isinstance(data, _Pairs):
-        raise CaptionError(path, f"expected a JSON object, got {_json_type(data)}")
+    data = _read_json_object(path)
     top = dict(data.pairs)
     if isinstance(top.get("objects"), list):
         entries = []
@@ -374,15 +381,7 @@ def read_metadata_json(path: str | os.PathLike[str]) -> dict[str, str]:
     file name) for invalid JSON, a missing or empty ``file_name``/``object_id``, non-string
     values and duplicate file names.
     """
-    text = _read_text(path)
-    try:
-        data = json.loads(text, object_pairs_hook=_pairs_keeping_duplicates)
-    except json.JSONDecodeError as err:
-        raise CaptionError(
-            path, f"invalid JSON: {err.msg} (column {err.colno})", err.lineno
-        ) from None
-    if not isinstance(data, _Pairs):
-        raise CaptionError(path, f"expected a JSON object, got {_json_type(data)}")
+    data = _read_json_object(path)
     top = dict(data.pairs)
     if isinstance(top.get("images"), list):
         return _links_from_records(path, top["images"])

@@ -3,8 +3,19 @@ clipping and grad-norm logging) against a plain PyTorch loop doing the same forw
 clipping and AdamW update on the same networks and batches.
 
     python bench/otuken3d_step.py [--model otuken3d_tiny] [--size 32] [--batch 8] [--steps 20]
+    python bench/otuken3d_step.py --real-size [--size 64] [--batch 8] [--steps 10]
 
-Prints per-step times and, last, ``ratio: <ours / plain>`` (lower is better; 1.0 = no overhead).
+Default: prints per-step times and, last, ``ratio: <ours / plain>`` (lower is better; 1.0 = no
+overhead), on the CPU.
+
+``--real-size`` (a CUDA GPU): ``model=otuken3d`` at its configured sizes with random weights,
+nothing downloaded -- the T5 v1.1 base encoder built from its architecture (12 layers, d_model
+768, 12 heads, d_ff 2048, 32128-token vocabulary; fed by the byte-level tokenizer, so sequences
+are longer than with T5's own), PointNet++, style encoder, the progressive decoder at ``--size``
+(default the largest, 64^3) and the mesh head -- fit by a Trainer at ``bf16-mixed`` with gradient
+clipping, with and without the decoder's gradient checkpointing: samples/s and the peak of
+``torch.cuda.max_memory_allocated``. The last line is ``ratio: <step time with checkpointing /
+step time without>`` (the price of checkpointing).
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import StepClock, bench_trainer, median
+from _common import PeakTimer, StepClock, bench_trainer, median
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset
@@ -102,25 +113,101 @@ def plain_loop(model: Otuken3D, loader: DataLoader, steps: int, size: int) -> li
     return times
 
 
+# google/t5-v1_1-base's architecture (its config.json), built with random weights
+T5_BASE = {
+    "vocab_size": 32128,
+    "d_model": 768,
+    "d_kv": 64,
+    "d_ff": 2048,
+    "num_layers": 12,
+    "num_heads": 12,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+}
+
+
+def build(model: str, size: int, overrides: list[str] = ()) -> Otuken3D:
+    """The model as ``train.py model=<model>`` builds it, trained at voxel size ``size`` only."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", [f"model={model}", *overrides])
+    sizes = list(cfg.model.voxel_sizes)
+    if size not in sizes:
+        raise SystemExit(f"--size {size} is not one of the model's voxel_sizes {sizes}")
+    schedule = [0 if s == size else 10_000 + i for i, s in enumerate(sizes)]
+    torch.manual_seed(0)
+    return instantiate(cfg.model, grow_schedule=schedule, text_dropout=0.0, points_dropout=0.0)
+
+
+def real_size(args: argparse.Namespace) -> None:
+    """One GPU, bf16-mixed: the real-size model with and without gradient checkpointing."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--real-size needs a CUDA GPU (or --device cpu: a slow check, no timing)")
+    precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+    size = args.size or 64
+    config = "{" + ",".join(f"{k}:{v}" for k, v in T5_BASE.items()) + "}"
+    results = {}
+    for checkpointing in (False, True):
+        model = build(
+            "otuken3d",
+            size,
+            [
+                "model.text_encoder.pretrained=null",
+                f"+model.text_encoder.config={config}",
+                "model.fid=null",  # a validation metric (DINO weights); training does not use it
+                f"model.decoder.gradient_checkpointing={checkpointing}",
+            ],
+        )
+        data_size = max(model.hparams.voxel_sizes)
+        loader = DataLoader(Spheres(args.batch * 2, data_size), batch_size=args.batch, shuffle=True)
+        timer = PeakTimer(device)
+        trainer = bench_trainer(
+            [timer],
+            max_steps=args.steps + 3,
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            precision=precision,
+            gradient_clip_val=1.0,
+        )
+        trainer.fit(model, train_dataloaders=loader)
+        step = median(timer.times[3:])
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        results[checkpointing] = step
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+        peak = "n/a" if timer.peak is None else f"{timer.peak:.2f} GiB"
+        print(
+            f"{name}: otuken3d real size, grid {size}^3, batch "
+            f"{args.batch}, {precision}, decoder checkpointing {'on' if checkpointing else 'off'}: "
+            f"{step * 1e3:.1f} ms/step median of {len(timer.times) - 3}, "
+            f"{args.batch / step:.1f} samples/s, peak {peak}; "
+            f"{total / 1e6:.1f} M parameters, {trainable / 1e6:.1f} M trainable",
+            flush=True,
+        )
+        del model, trainer, loader
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"ratio: {results[True] / results[False]:.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="otuken3d_tiny")
     p.add_argument(
-        "--size", type=int, default=32, help="the active voxel size (one of the model's)"
+        "--size", type=int, default=None, help="the active voxel size: 32 / real size 64"
     )
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="timed steps: 20 / real size 10")
+    p.add_argument("--real-size", action="store_true", help="model=otuken3d on a CUDA GPU")
+    p.add_argument("--device", default="cuda", help="--real-size only: cuda | cpu")
     args = p.parse_args()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", [f"model={args.model}"])
-    sizes = list(cfg.model.voxel_sizes)
-    if args.size not in sizes:
-        raise SystemExit(f"--size {args.size} is not one of the model's voxel_sizes {sizes}")
-    schedule = [0 if s == args.size else 10_000 + i for i, s in enumerate(sizes)]
-    torch.manual_seed(0)
-    model: Otuken3D = instantiate(
-        cfg.model, grow_schedule=schedule, text_dropout=0.0, points_dropout=0.0
-    )
+    if args.real_size:
+        args.steps = args.steps or 10
+        real_size(args)
+        return
+    args.size, args.steps = args.size or 32, args.steps or 20
+    model = build(args.model, args.size)
+    sizes = list(model.hparams.voxel_sizes)
     plain_model = copy.deepcopy(model)
     loader = DataLoader(Spheres(args.batch * 4, sizes[-1]), batch_size=args.batch)
 

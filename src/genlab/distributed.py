@@ -159,3 +159,53 @@ def job_processes(trainer: pl.Trainer) -> Iterator[None]:
             else:
                 os.environ[key] = value
         torch.set_num_threads(saved_threads)
+
+
+def shards_weights(strategy: object) -> bool:
+    """Whether each rank holds only a shard of the weights between steps.
+
+    True for FSDP (any sharding but ``NO_SHARD``), DeepSpeed ZeRO stage 3 and Lightning's
+    ``ModelParallelStrategy``; False for DDP and single-device runs, where every rank has the
+    whole model.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        return getattr(strategy.sharding_strategy, "name", "") != "NO_SHARD"
+    if isinstance(strategy, DeepSpeedStrategy):
+        return bool(strategy.zero_stage_3)
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def call_with_full_weights(
+    trainer: pl.Trainer, module: pl.LightningModule, method: str, *args, **kwargs
+):
+    """``module.<method>(*args, **kwargs)``, run where the whole model's weights are usable.
+
+    Under a sharding strategy (:func:`shards_weights`) the call goes through the strategy's
+    wrapper ``forward``, as Lightning routes ``training_step``: each wrapped unit gathers its
+    weights while it runs. It is then a collective: every rank must make the same call (the
+    same prompts and seeds give the same samples everywhere). Otherwise it is a plain call.
+    """
+    strategy = trainer.strategy
+    if shards_weights(strategy) and strategy.model is not module:
+        # Lightning's own rerouting of *_step methods through the wrapper's forward, in the
+        # precision context of a step (the gathered units compute in the mixed dtype)
+        with strategy.precision_plugin.forward_context():
+            return strategy._forward_redirection(strategy.model, module, method, *args, **kwargs)
+    return getattr(module, method)(*args, **kwargs)
+
+
+def refuse_scorer_under_sharding(strategy: object, scorer: object, key: str) -> None:
+    """Stop a run whose scorer network would be sharded but is run by rank 0 alone.
+
+    Scorers (CLIP, DINO) score samples at the end of validation on rank 0, outside any step;
+    under FSDP / ZeRO-3 their weights would be shards there. Until they are kept whole on
+    every rank, such a run stops at setup, naming the key to switch off.
+    """
+    if scorer is not None and shards_weights(strategy):
+        raise ValueError(
+            f"{key} is not supported with {type(strategy).__name__} sharding the weights: the "
+            f"scorer runs on rank 0 alone after validation and would see only its shard. Set "
+            f"{key}=null, or train with trainer=ddp"
+        )

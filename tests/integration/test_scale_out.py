@@ -25,7 +25,14 @@ from hydra.utils import instantiate
 
 from genlab.callbacks.scaling import ScalingReport, lr_scale, scale_config_lr
 from genlab.callbacks.sweep import SweepSummary
-from genlab.distributed import check_strategy, config_flags, job_command_line
+from genlab.distributed import (
+    call_with_full_weights,
+    check_strategy,
+    config_flags,
+    job_command_line,
+    refuse_scorer_under_sharding,
+    shards_weights,
+)
 from tests.helpers import TINY_VOXEL, compose_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,6 +216,44 @@ def _mv_diffusion_args(tmp_path: Path) -> list[str]:
         "data.num_views=4", "data.batch_size=2", "data.val_fraction=0.2",
         "model.num_inference_steps=2", "model.lpips=false", "test=false", "logger=csv",
     ]  # fmt: skip
+
+
+PREVIEWS = "callbacks.samples.every_n_epochs=1"
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="FSDP needs a CUDA GPU (Lightning refuses it on the CPU)"
+)
+@pytest.mark.parametrize(
+    ("method", "args", "extra", "sampled"),
+    [
+        # validation samples drawn in validation_step, and SamplePreviews at the end of fit
+        ("lora_sd", _lora_sd_args, [], {"step_", "epoch_"}),
+        ("otuken3d", _otuken3d_args, [PREVIEWS], {"epoch_"}),
+        # validation renders and previews; its CLIP scorer is refused under sharding
+        ("shape_e", _shape_e_args, [PREVIEWS, "model.clip_scorer=null"], {"step_", "epoch_"}),
+    ],
+)
+def test_each_method_samples_and_checkpoints_under_fsdp(
+    method: str, args: Any, extra: list[str], sampled: set[str], tmp_path: Path
+) -> None:
+    """trainer=fsdp (bf16-mixed) on one GPU: training steps, sampling through the wrapped model
+    (previews and validation samples written), a full checkpoint of finite float32 weights."""
+    drop = ("callbacks.samples=null", "trainer.accelerator=cpu")
+    overrides = [o for o in args(tmp_path) if o not in drop]
+    run_train(
+        tmp_path, *overrides, "trainer=fsdp", "trainer.accelerator=gpu", "trainer.devices=1",
+        "trainer.max_epochs=1", *extra, f"task_name={method}", timeout=600,
+    )  # fmt: skip
+    (run,) = list((tmp_path / "logs" / method / "runs").iterdir())
+    written = {p.parent.name for p in [*run.rglob("grid.png"), *run.rglob("renders.png")]}
+    assert {name[: name.index("_") + 1] for name in written} == sampled, written
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    weights = [t for t in state["state_dict"].values() if t.is_floating_point()]
+    assert weights and all(bool(torch.isfinite(t).all()) for t in weights)
+    assert {t.dtype for t in weights} == {torch.float32}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert math.isfinite(metrics["val/loss"])
 
 
 @pytest.mark.parametrize(
@@ -485,3 +530,130 @@ def test_sweep_summary_picks_the_best_job_by_direction(tmp_path: Path) -> None:
     cfg.hydra.sweeper = {"direction": "minimize"}
     SweepSummary().on_multirun_end(cfg)
     assert (tmp_path / "best_config.yaml").read_text().endswith("lr: 0\n")
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands for a sharding wrapper: records that calls went through its forward."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module, self.entered = module, 0
+
+    def forward(self, *args: Any) -> Any:
+        self.entered += 1
+        return self.module(*args)
+
+
+class _Sampler(pl.LightningModule):
+    def sample(self, prompts: list[str], n: int) -> list[str]:
+        return [f"{p}:{n}" for p in prompts]
+
+
+def test_sampling_goes_through_the_wrapper_only_when_weights_are_sharded() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    sharded = [FSDPStrategy(), FSDPStrategy(sharding_strategy="SHARD_GRAD_OP")]
+    whole = [FSDPStrategy(sharding_strategy="NO_SHARD"), DDPStrategy()]
+    assert [shards_weights(s) for s in sharded + whole] == [True, True, False, False]
+    for strategy, through_wrapper in ((sharded[0], 1), (whole[1], 0)):
+        module = _Sampler()
+        strategy.model = wrapper = _Wrapper(module)
+        trainer = SimpleNamespace(strategy=strategy)
+        assert call_with_full_weights(trainer, module, "sample", ["a", "b"], 2) == ["a:2", "b:2"]
+        assert wrapper.entered == through_wrapper
+        assert module.forward.__func__ is pl.LightningModule.forward  # the patch is undone
+    # a scorer run by rank 0 after validation would see only its shard: refused at setup
+    with pytest.raises(ValueError, match=r"model.metrics is not supported.*Set model.metrics=null"):
+        refuse_scorer_under_sharding(sharded[0], torch.nn.Linear(1, 1), "model.metrics")
+    refuse_scorer_under_sharding(sharded[0], None, "model.metrics")
+    refuse_scorer_under_sharding(whole[1], torch.nn.Linear(1, 1), "model.metrics")
+
+
+def _voxel_model() -> pl.LightningModule:
+    from functools import partial
+
+    from genlab.models.voxel_vaegan import VoxelVAEGAN
+    from genlab.models.voxel_vaegan.networks import ConditionalVAE, Discriminator
+    from genlab.nn.text import HashedBagOfWordsEncoder
+
+    torch.manual_seed(0)
+    return VoxelVAEGAN(
+        generator=ConditionalVAE(16, 16, 32, 8, 3, 3, occupancy_prior=0.3),
+        discriminator=Discriminator(16, 32, 8, 3),
+        text_encoder=HashedBagOfWordsEncoder(32),
+        optimizer=partial(torch.optim.Adam, lr=1e-3),
+        voxel_size=16,
+    )
+
+
+def _preview_trainer(strategy: Any, rank: int) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        strategy=strategy, is_global_zero=rank == 0, sanity_checking=False, fast_dev_run=False,
+        loggers=[], global_step=0, datamodule=None,
+    )  # fmt: skip
+
+
+PREVIEW_PROMPTS = ["a cube", "a ball"]
+
+
+def _sharded_previews(rank: int, out_dir: str, port: int) -> None:
+    """One of 2 gloo ranks: the VAE-GAN fully sharded by torch FSDP on the CPU, previews written."""
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from genlab.callbacks.samples import SamplePreviews
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = _voxel_model()
+        wrapper = FullyShardedDataParallel(
+            model,
+            auto_wrap_policy=ModuleWrapPolicy({torch.nn.Conv3d, torch.nn.ConvTranspose3d}),
+            sharding_strategy=ShardingStrategy.FULL_SHARD,
+            device_id=torch.device("cpu"),
+            use_orig_params=True,
+        )
+        # each rank holds a shard: the plain call that rank 0 alone used to make cannot run
+        with pytest.raises(RuntimeError):
+            model.sample(PREVIEW_PROMPTS, 1, torch.Generator().manual_seed(1))
+        strategy = FSDPStrategy()
+        strategy.model = wrapper
+        previews = SamplePreviews(out_dir, PREVIEW_PROMPTS, num_per_prompt=2, seed=5)
+        grid = previews.write(_preview_trainer(strategy, rank), model, 1)
+        assert (grid is not None) == (rank == 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_previews_of_a_fully_sharded_model_match_the_whole_model(tmp_path: Path) -> None:
+    """FSDP full-shard in 2 CPU processes (gloo): both ranks sample together through the wrapper
+    and rank 0 writes exactly the meshes the unsharded model gives for the same seed."""
+    import socket
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from genlab.callbacks.samples import SamplePreviews
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_sharded_previews, args=(str(tmp_path / "fsdp"), port), nprocs=2)
+
+    whole = SingleDeviceStrategy(torch.device("cpu"))
+    SamplePreviews(tmp_path / "whole", PREVIEW_PROMPTS, num_per_prompt=2, seed=5).write(
+        _preview_trainer(whole, 0), _voxel_model(), 1
+    )
+    sharded = sorted(p.relative_to(tmp_path / "fsdp") for p in (tmp_path / "fsdp").rglob("*.obj"))
+    reference = sorted(
+        p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.obj")
+    )
+    assert len(reference) == 4 and sharded == reference
+    for rel in reference:
+        assert (tmp_path / "fsdp" / rel).read_bytes() == (tmp_path / "whole" / rel).read_bytes()

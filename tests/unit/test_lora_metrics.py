@@ -214,16 +214,29 @@ def test_no_baseline_when_switched_off_and_no_files_without_a_scorer(
     assert not (tmp_path / "b" / BASELINE_FILE).exists()
 
 
-def test_only_rank_zero_samples_and_scores(tmp_path: Path, tok_dir: Path) -> None:
+def test_every_rank_draws_samples_only_rank_zero_writes(tmp_path: Path, tok_dir: Path) -> None:
+    """Samples are drawn in validation_step on every rank (so FSDP / ZeRO-3 ranks gather their
+    shards together); only rank 0 writes and scores them, and nothing is drawn while
+    sanity-checking."""
     model = make(tmp_path, tok_dir, "model/metrics=subject_fidelity_tiny")
-    called = []
-    model.write_validation_samples = lambda: called.append(True)  # type: ignore[method-assign]
-    for zero in (False, True):
+    drawn, written = [], []
+    model.draw_validation_samples = lambda: drawn.append(True) or "draw"  # type: ignore[method-assign]
+    model.write_validation_samples = written.append  # type: ignore[method-assign]
+    model.diffusion_loss = lambda pixels, *a: torch.zeros(len(pixels))  # type: ignore[method-assign]
+    model.log = lambda *a, **k: None  # type: ignore[method-assign]
+    batch = {"pixel_values": torch.zeros(1, 3, R, R), "prompt": ["p"]}
+    for zero, sanity in ((False, False), (True, False), (True, True)):
         model._trainer = SimpleNamespace(
-            sanity_checking=False, is_global_zero=zero, fast_dev_run=False
+            sanity_checking=sanity,
+            is_global_zero=zero,
+            fast_dev_run=False,
+            global_rank=int(not zero),
         )
+        model.validation_step(batch, 0)
+        model.validation_step(batch, 1)
         model.on_validation_epoch_end()
-    assert called == [True]
+    assert drawn == [True, True]
+    assert written == ["draw"]
 
 
 def test_references_are_the_datamodules_whole_val_split(tmp_path: Path, tok_dir: Path) -> None:

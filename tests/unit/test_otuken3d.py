@@ -370,3 +370,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(model) -> None:
     assert len(grads[0]) == len(grads[1]) > 0
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_residual_gain_is_shardable_and_loads_older_scalar_gains() -> None:
+    """FSDP refuses 0-dim parameters, so the ReZero gain has shape (1,); checkpoints written
+    with the former 0-dim gain still load, value kept."""
+    from genlab.models.otuken3d.networks import StyledBlock
+
+    block = StyledBlock(4, 4, 8, 8, residual=True)
+    assert block.gain.shape == (1,)
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    state["gain"] = torch.tensor(0.25)
+    block.load_state_dict(state)
+    assert block.gain.shape == (1,) and block.gain.item() == 0.25
+    x, style = torch.randn(2, 4, 8, 8, 8), torch.randn(2, 8)
+    y = torch.nn.functional.leaky_relu(block.adain(block.conv(x), style), 0.2)
+    torch.testing.assert_close(block(x, style), x + 0.25 * y)
+    with pytest.raises(RuntimeError, match="size mismatch for gain"):
+        block.load_state_dict({**state, "gain": torch.zeros(2)})

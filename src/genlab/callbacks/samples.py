@@ -7,8 +7,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
+from genlab.distributed import call_with_full_weights, shards_weights
 from genlab.loggers.media import log_image, log_mesh
 from genlab.samples import write_samples
 
@@ -20,7 +20,9 @@ class SamplePreviews(pl.Callback):
 
     Files go to ``out_dir/epoch_XXX/`` (meshes, one PNG each, ``grid.png``); the grid and the meshes
     are sent to the loggers. Sampling draws from its own seeded generator, so it does not disturb
-    the training RNG streams.
+    the training RNG streams. Only rank 0 samples and writes, except under a strategy that shards
+    the weights (FSDP, ZeRO-3): there every rank samples the same prompts and seeds together
+    (each gathers the weights it holds a shard of), and rank 0 writes.
     """
 
     def __init__(
@@ -53,18 +55,26 @@ class SamplePreviews(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.write(trainer, pl_module, trainer.current_epoch)
 
-    @rank_zero_only
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> Path | None:
+        """Sample and write the previews of ``epoch``; the grid's path on rank 0, else None."""
         if (
             self._last_written == epoch
             or trainer.sanity_checking
             or getattr(trainer, "fast_dev_run", False)
+            or not (trainer.is_global_zero or shards_weights(trainer.strategy))
         ):
             return None
         self._last_written = epoch
-        samples = pl_module.sample(
-            self._prompts(trainer), self.num_per_prompt, torch.Generator().manual_seed(self.seed)
+        samples = call_with_full_weights(
+            trainer,
+            pl_module,
+            "sample",
+            self._prompts(trainer),
+            self.num_per_prompt,
+            torch.Generator().manual_seed(self.seed),
         )
+        if not trainer.is_global_zero:
+            return None
         written, grid_path = write_samples(
             samples, self.out_dir / f"epoch_{epoch:03d}", self.mesh_format
         )

@@ -546,8 +546,16 @@ def sample_points_from_meshes(
             raise ValueError(f"meshes {bad} have faces but zero surface area; cannot sample")
         face_idx = torch.multinomial(padded, num_samples, replacement=True, generator=generator)
         face_idx += first[valid][:, None]
-    u = torch.rand(2, int(valid.sum()), num_samples, generator=generator, dtype=verts.dtype)
-    u = u.to(verts.device)
+    # drawn where the meshes are, from ``generator`` (which must live there too, as for
+    # multinomial above): a CUDA generator cannot draw CPU numbers
+    u = torch.rand(
+        2,
+        int(valid.sum()),
+        num_samples,
+        generator=generator,
+        dtype=verts.dtype,
+        device=verts.device,
+    )
     su = u[0].sqrt()
     w0, w1, w2 = 1.0 - su, su * (1.0 - u[1]), su * u[1]
     points = (

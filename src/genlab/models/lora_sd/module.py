@@ -22,13 +22,14 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from genlab.distributed import refuse_scorer_under_sharding, shards_weights
 from genlab.metrics.fidelity_report import (
     FidelityValues,
     fidelity_values,
@@ -165,6 +166,14 @@ def _to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
 
 # ---------------------------------------------------------------------------------- module
+
+
+class ValidationDraw(NamedTuple):
+    """One validation's samples: the prompts, the LoRA model's and (once) the base model's."""
+
+    prompts: list[str]
+    samples: list[Sample]
+    baseline: list[Sample] | None
 
 
 class LoRADreamBooth(GenerativeModule):
@@ -320,6 +329,8 @@ class LoRADreamBooth(GenerativeModule):
         self._collecting: list[Image.Image] = []
         self._val_split_references: list[Image.Image] | None = None
         self._baseline: FidelityValues | None = None
+        # validation samples drawn in validation_step, written at the epoch's end
+        self._drawn: ValidationDraw | None = None
         self._warned_no_references = False
         self._warned_class_batch = False
 
@@ -355,8 +366,16 @@ class LoRADreamBooth(GenerativeModule):
         return torch.bfloat16 if precision.startswith("bf16") else torch.float16
 
     def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        refuse_scorer_under_sharding(strategy, self.metrics, "model.metrics")
         dtype = self.resolved_weight_dtype()
         if dtype == torch.float32:
+            return
+        if shards_weights(strategy):
+            # FSDP / ZeRO-3 keep the weights sharded in float32 and cast each unit to the
+            # compute dtype as they gather it; a bfloat16 base beside float32 LoRA weights
+            # could not share one flat parameter
+            log.info("sharded strategy: weights stay float32, cast per unit by the strategy")
             return
         self._cast_dtype = dtype
         for model in (self.unet, *self.components.text_encoders):
@@ -555,6 +574,19 @@ class LoRADreamBooth(GenerativeModule):
         )
         if self.metrics is not None and self.trainer.is_global_zero:
             self._collecting.extend(_to_pil(batch["pixel_values"]))
+        if batch_idx == 0 and self._samples_due():
+            # here, not at the epoch's end: Lightning runs validation_step on every rank with the
+            # whole model usable (FSDP / ZeRO-3 gather each unit's weights inside the step), so
+            # sharded runs sample too; every rank draws the same samples, rank 0 writes them
+            self._drawn = self.draw_validation_samples()
+
+    def _samples_due(self) -> bool:
+        trainer = self.trainer
+        return not (
+            trainer.sanity_checking
+            or getattr(trainer, "fast_dev_run", False)
+            or int(self.validation["num_images"]) < 1
+        )
 
     def validation_prompts(self) -> list[str]:
         """``validation.prompts``, else the datamodule's ``sample_prompts``."""
@@ -573,12 +605,10 @@ class LoRADreamBooth(GenerativeModule):
         collected, self._collecting = self._collecting, []
         if len(collected) != len(self._references):
             self._references = collected  # the same list object across epochs: cached features
-        trainer = self.trainer
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        drawn, self._drawn = self._drawn, None
+        if drawn is None or not self.trainer.is_global_zero:
             return
-        if getattr(trainer, "fast_dev_run", False) or int(self.validation["num_images"]) < 1:
-            return
-        self.write_validation_samples()
+        self.write_validation_samples(drawn)
 
     def reference_images(self) -> list[Image.Image]:
         """The held-out photos that validation samples are scored against.
@@ -621,7 +651,18 @@ class LoRADreamBooth(GenerativeModule):
             samples += [Sample(prompt, k, image=img) for k, img in enumerate(images)]
         return samples
 
-    def write_validation_samples(self) -> Path:
+    def draw_validation_samples(self) -> ValidationDraw:
+        """The validation prompts' samples and, while the baseline is still to be scored, the
+        base model's samples of the same prompts and seeds."""
+        prompts = self.validation_prompts()
+        samples = self._validation_samples(prompts)
+        baseline = None
+        if self.validation["baseline"] and self.metrics is not None and self._baseline is None:
+            with self.adapters_disabled():
+                baseline = self._validation_samples(prompts)
+        return ValidationDraw(prompts, samples, baseline)
+
+    def write_validation_samples(self, drawn: ValidationDraw | None = None) -> Path:
         """Sample ``validation_prompts`` with fixed seeds into ``samples/step_XXXXXX/`` and log the grid.
 
         With ``metrics``, the samples are scored against :meth:`reference_images`: the means
@@ -630,13 +671,13 @@ class LoRADreamBooth(GenerativeModule):
         sampled and scored once per run, with the same prompts and seeds (its images in
         ``samples/baseline/``, its scores in ``baseline_metrics.json``); its means are
         logged as ``val/baseline_<name>`` at every validation and its per-prompt values fill
-        the ``baseline_*`` columns of ``metrics.csv``. Call on rank 0 only.
+        the ``baseline_*`` columns of ``metrics.csv``. ``drawn``: samples from
+        :meth:`draw_validation_samples` (drawn now when None). Call on rank 0 only.
         """
         from genlab.loggers.media import log_image
         from genlab.samples import write_samples
 
-        prompts = self.validation_prompts()
-        samples = self._validation_samples(prompts)
+        prompts, samples, baseline_samples = drawn or self.draw_validation_samples()
         step = self.global_step
         out = Path(self.trainer.default_root_dir) / "samples" / f"step_{step:06d}"
         _, grid_path = write_samples(samples, out)
@@ -653,7 +694,7 @@ class LoRADreamBooth(GenerativeModule):
             return out
         baseline = None
         if self.validation["baseline"]:
-            baseline = self.baseline_scores(prompts, references)
+            baseline = self.baseline_scores(prompts, references, baseline_samples)
         scores = self.score(samples, references)
         scalars = {f"val/{k}": v for k, v in scores.means.items()}
         if baseline is not None:
@@ -675,18 +716,22 @@ class LoRADreamBooth(GenerativeModule):
         return fidelity_values(result)
 
     def baseline_scores(
-        self, prompts: Sequence[str], references: Sequence[Image.Image]
+        self,
+        prompts: Sequence[str],
+        references: Sequence[Image.Image],
+        samples: Sequence[Sample] | None = None,
     ) -> FidelityValues:
         """Scores of the base model (adapters off) for ``prompts``: computed on the first call,
-        with the validation seeds, then reused; images and ``baseline_metrics.json`` written
-        into the run directory."""
+        with the validation seeds (``samples``: already drawn so), then reused; images and
+        ``baseline_metrics.json`` written into the run directory."""
         if self._baseline is not None:
             return self._baseline
         from genlab.loggers.media import log_image
         from genlab.samples import write_samples
 
-        with self.adapters_disabled():
-            samples = self._validation_samples(prompts)
+        if samples is None:
+            with self.adapters_disabled():
+                samples = self._validation_samples(prompts)
         root = Path(self.trainer.default_root_dir)
         _, grid_path = write_samples(samples, root / "samples" / "baseline")
         with Image.open(grid_path) as grid:

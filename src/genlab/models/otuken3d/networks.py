@@ -101,7 +101,9 @@ class StyledBlock(nn.Module):
     """Trilinear resize to ``out_size`` -> Conv3d 3x3x3 -> AdaIN(style) -> LeakyReLU.
 
     ``residual=True`` (same in and out channels) returns ``x + gain * block(x)`` with ``gain``
-    a learned scalar starting at 0 (ReZero): a new block starts as a plain resize.
+    a learned scalar starting at 0 (ReZero): a new block starts as a plain resize. ``gain`` has
+    shape (1,), not (), since FSDP cannot shard 0-dim parameters; 0-dim gains of older
+    checkpoints load into it.
     """
 
     def __init__(
@@ -118,7 +120,13 @@ class StyledBlock(nn.Module):
         self.out_size = out_size
         self.conv = nn.Conv3d(in_channels, out_channels, 3, padding=1)
         self.adain = AdaIN3d(out_channels, style_dim)
-        self.gain = nn.Parameter(torch.zeros(())) if residual else None
+        self.gain = nn.Parameter(torch.zeros(1)) if residual else None
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        gain = state_dict.get(prefix + "gain")
+        if gain is not None and gain.dim() == 0:
+            state_dict[prefix + "gain"] = gain.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.out_size:

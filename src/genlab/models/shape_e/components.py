@@ -326,7 +326,8 @@ def tiny_components(
         parts["prior"] = PriorTransformer(**prior_config)
     if conditioning == "text":
         parts["tokenizer"] = clip_bpe_tokenizer(tokenizer_dir)
-    parts["scheduler"] = HeunDiscreteScheduler(**SCHEDULER_CONFIG)
+    with torch.device("cpu"):  # its tables go through numpy, also under a CUDA default device
+        parts["scheduler"] = HeunDiscreteScheduler(**SCHEDULER_CONFIG)
     check_renderer_fits_prior(parts["prior"], parts["renderer"])
     return ShapEComponents(source="tiny", **parts).eval_frozen()
 

@@ -35,6 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from genlab.distributed import (
+    call_with_full_weights,
+    refuse_scorer_under_sharding,
+    shards_weights,
+)
 from genlab.models.base import GenerativeModule, load_partial_state
 from genlab.models.shape_e.components import ShapEComponents
 from genlab.models.shape_e.prior_adapters import (
@@ -360,7 +365,10 @@ class ShapEPriorFineTune(GenerativeModule):
 
     # ---- data checks ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Fail before training when the data has no latents, or latents of another shape."""
+        """Fail before training when the data has no latents, or latents of another shape, or
+        when the CLIP scorer would be sharded."""
+        strategy = getattr(self._trainer, "strategy", None)
+        refuse_scorer_under_sharding(strategy, self.clip_scorer, "model.clip_scorer")
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         root = getattr(datamodule, "root", None)
         if datamodule is None or root is None:
@@ -535,19 +543,29 @@ class ShapEPriorFineTune(GenerativeModule):
             self._val.object_ids.append(str(object_id))
             self._val.captions.append(str(batch["caption"][i]) if "caption" in batch else "")
             if "image" in batch:
-                self._val.images.append(batch["image"][i].detach().cpu())
+                self._val.images.append(batch["image"][i].detach().float().cpu())
             points = batch.get("points")
-            self._val.points.append(None if points is None else points[i].detach().cpu())
+            # float32 whatever the step's input dtype (FSDP's mixed precision casts the batch)
+            self._val.points.append(None if points is None else points[i].detach().float().cpu())
 
     def on_validation_epoch_end(self) -> None:
         collected, self._val = self._val, _ValObjects()
         trainer = self.trainer
-        if trainer.sanity_checking or not trainer.is_global_zero or not len(collected):
+        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
             return
-        if getattr(trainer, "fast_dev_run", False):
+        if shards_weights(trainer.strategy):
+            # every rank samples rank 0's objects together, gathering the weights it holds a
+            # shard of; rank 0 writes
+            collected = trainer.strategy.broadcast(collected, src=0)
+        elif not trainer.is_global_zero:
+            return
+        if not len(collected):
             return
         self._last_val = collected
-        metrics = self.write_validation(collected)
+        generated = call_with_full_weights(trainer, self, "generate_validation", collected)
+        if not trainer.is_global_zero:
+            return
+        metrics = self.write_validation(collected, generated)
         if metrics:
             self.log_dict(metrics, rank_zero_only=True)
 
@@ -642,22 +660,32 @@ class ShapEPriorFineTune(GenerativeModule):
         return self.encode_condition(images=blank)
 
     # ---- validation outputs --------------------------------------------------------------
-    def write_validation(self, objects: _ValObjects) -> dict[str, float]:
-        """Sample, decode, write and log the val objects' generations; return the metrics."""
-        from genlab.geometry.mesh_io import save_mesh
-        from genlab.geometry.render import image_grid
-        from genlab.loggers.media import log_image
-        from genlab.models.shape_e.decode import write_turntable_gif
-
+    def generate_validation(self, objects: _ValObjects) -> Generated:
+        """The val objects' generations: ``validation.num_per_condition`` each, from the
+        validation seed, conditioned on their captions (text) or renders (image)."""
         val = self.validation
         if self.conditioning == "text":
             condition = self.encode_condition(captions=objects.captions)
         else:
             condition = self.encode_condition(images=torch.stack(objects.images))
         generator = torch.Generator(device=self.device).manual_seed(int(val["seed"]))
-        per = int(val["num_per_condition"])
         labels = [c or i for c, i in zip(objects.captions, objects.object_ids, strict=True)]
-        generated = self.generate(condition, labels, generator, per)
+        return self.generate(condition, labels, generator, int(val["num_per_condition"]))
+
+    def write_validation(
+        self, objects: _ValObjects, generated: Generated | None = None
+    ) -> dict[str, float]:
+        """Write and log the val objects' generations (drawn now when ``generated`` is None);
+        return the metrics."""
+        from genlab.geometry.mesh_io import save_mesh
+        from genlab.geometry.render import image_grid
+        from genlab.loggers.media import log_image
+        from genlab.models.shape_e.decode import write_turntable_gif
+
+        val = self.validation
+        per = int(val["num_per_condition"])
+        if generated is None:
+            generated = self.generate_validation(objects)
         step = self.global_step
         out = Path(self.trainer.default_root_dir) / "samples" / f"step_{step:06d}"
         out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ step() {  # name, cap in seconds, command...
   local took=$(($(date +%s) - t0))
   {
     echo "== $name (exit $rc, ${took}s of ${cap}s)"
-    grep -E "samples/s|steps/s|ms/step|peak|GiB|ratio:|passed|failed|Error|error" "$out/$name.log" | tail -n 12
+    grep -E "samples/s|steps/s|ms/step|peak|GiB|ratio:|passed|failed|Error|error|^(on|off) " "$out/$name.log" | tail -n 12
   } | tee -a "$out/summary.txt"
 }
 

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -33,6 +34,7 @@ from genlab.distributed import (
     refuse_scorer_under_sharding,
     shards_weights,
 )
+from genlab.models.base import GenerativeModule
 from tests.helpers import TINY_VOXEL, compose_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -657,3 +659,76 @@ def test_previews_of_a_fully_sharded_model_match_the_whole_model(tmp_path: Path)
     assert len(reference) == 4 and sharded == reference
     for rel in reference:
         assert (tmp_path / "fsdp" / rel).read_bytes() == (tmp_path / "whole" / rel).read_bytes()
+
+
+class _TwoLayers(GenerativeModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(6, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _clip_batch() -> torch.Tensor:
+    return torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+
+
+def _sharded_clipping(rank: int, port: int, out: str) -> None:
+    """One of 2 gloo ranks: backward through a fully sharded module, then the clipping hook."""
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        module = _TwoLayers()
+        wrapper = FullyShardedDataParallel(
+            module,
+            auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
+            sharding_strategy=ShardingStrategy.FULL_SHARD,
+            device_id=torch.device("cpu"),
+            use_orig_params=True,
+        )
+        strategy = FSDPStrategy()
+        strategy.model = wrapper
+        module._trainer = SimpleNamespace(strategy=strategy)
+        wrapper(_clip_batch()).square().sum().backward()
+        module.configure_gradient_clipping(None, 0.05, "norm")
+        with FullyShardedDataParallel.summon_full_params(wrapper, with_grads=True):
+            grads = {
+                n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+                for n, p in module.named_parameters()
+            }
+        if rank == 0:
+            torch.save(grads, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradient_clipping_by_norm_under_fsdp_uses_the_norm_over_all_shards(
+    tmp_path: Path,
+) -> None:
+    """Lightning refuses norm clipping under FSDP; the modules' hook clips through the root
+    wrapper, so 2 fully sharded CPU ranks end with the gradients one unsharded process clips to."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "grads.pt"
+    torch.multiprocessing.spawn(_sharded_clipping, args=(port, str(out)), nprocs=2)
+    sharded = torch.load(out)
+
+    whole = _TwoLayers()
+    whole(_clip_batch()).square().sum().backward()  # both ranks saw this batch: same mean
+    norm = torch.nn.utils.clip_grad_norm_(whole.parameters(), 0.05)
+    assert norm > 0.05  # clipping did something
+    assert sharded.keys() == dict(whole.named_parameters()).keys()
+    for name, p in whole.named_parameters():
+        torch.testing.assert_close(sharded[name], p.grad, rtol=1e-5, atol=1e-7)
+    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in sharded.values()]))
+    assert total.item() == pytest.approx(0.05, rel=1e-4)

@@ -39,6 +39,27 @@ class GenerativeModule(pl.LightningModule):
                 merged.setdefault(key, value)
         return super().load_state_dict(merged, strict=strict, assign=assign)
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """``trainer.gradient_clip_val`` as Lightning applies it, and by norm under FSDP too.
+
+        Lightning refuses norm clipping under FSDP (``clip_grad_norm_`` over one rank's shards
+        would use a wrong norm); the root FSDP wrapper's own ``clip_grad_norm_`` takes the norm
+        over every rank's shards, so that is what runs there (on every rank, as the hook does).
+        """
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self.trainer.strategy
+        by_norm = gradient_clip_algorithm is None or gradient_clip_algorithm == "norm"
+        if gradient_clip_val and by_norm and isinstance(strategy, FSDPStrategy):
+            strategy.model.clip_grad_norm_(float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def export_weights(self, path: str | Path) -> Path:
         """Write the trainable weights (no frozen parts) as safetensors."""
         from safetensors.torch import save_file

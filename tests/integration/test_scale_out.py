@@ -603,51 +603,67 @@ def _preview_trainer(strategy: Any, rank: int) -> Any:
 PREVIEW_PROMPTS = ["a cube", "a ball"]
 
 
-def _sharded_previews(rank: int, out_dir: str, port: int) -> None:
-    """One of 2 gloo ranks: the VAE-GAN fully sharded by torch FSDP on the CPU, previews written."""
-    import torch.distributed as dist
-    from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+def _run_on_two_gloo_ranks(worker: Any, *args: Any) -> None:
+    """``worker(rank, *args)`` in 2 spawned processes joined in a gloo process group."""
+    import socket
 
-    from genlab.callbacks.samples import SamplePreviews
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_gloo_rank, args=(port, worker, args), nprocs=2)
+
+
+def _gloo_rank(rank: int, port: int, worker: Any, args: tuple) -> None:
+    import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        model = _voxel_model()
-        wrapper = FullyShardedDataParallel(
-            model,
-            auto_wrap_policy=ModuleWrapPolicy({torch.nn.Conv3d, torch.nn.ConvTranspose3d}),
-            sharding_strategy=ShardingStrategy.FULL_SHARD,
-            device_id=torch.device("cpu"),
-            use_orig_params=True,
-        )
-        # each rank holds a shard: the plain call that rank 0 alone used to make cannot run
-        with pytest.raises(RuntimeError):
-            model.sample(PREVIEW_PROMPTS, 1, torch.Generator().manual_seed(1))
-        strategy = FSDPStrategy()
-        strategy.model = wrapper
-        previews = SamplePreviews(out_dir, PREVIEW_PROMPTS, num_per_prompt=2, seed=5)
-        grid = previews.write(_preview_trainer(strategy, rank), model, 1)
-        assert (grid is not None) == (rank == 0)
+        worker(rank, *args)
     finally:
         dist.destroy_process_group()
+
+
+def _fully_sharded(module: torch.nn.Module, units: set[type]) -> Any:
+    """``module`` fully sharded by torch FSDP on the CPU, and a Lightning FSDPStrategy holding it."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    wrapper = FullyShardedDataParallel(
+        module,
+        auto_wrap_policy=ModuleWrapPolicy(units),
+        sharding_strategy=ShardingStrategy.FULL_SHARD,
+        device_id=torch.device("cpu"),
+        use_orig_params=True,
+    )
+    strategy = FSDPStrategy()
+    strategy.model = wrapper
+    return strategy
+
+
+def _sharded_previews(rank: int, out_dir: str) -> None:
+    """One of 2 gloo ranks: the VAE-GAN fully sharded by torch FSDP on the CPU, previews written."""
+    from genlab.callbacks.samples import SamplePreviews
+
+    model = _voxel_model()
+    strategy = _fully_sharded(model, {torch.nn.Conv3d, torch.nn.ConvTranspose3d})
+    # each rank holds a shard: the plain call that rank 0 alone used to make cannot run
+    with pytest.raises(RuntimeError):
+        model.sample(PREVIEW_PROMPTS, 1, torch.Generator().manual_seed(1))
+    previews = SamplePreviews(out_dir, PREVIEW_PROMPTS, num_per_prompt=2, seed=5)
+    grid = previews.write(_preview_trainer(strategy, rank), model, 1)
+    assert (grid is not None) == (rank == 0)
 
 
 def test_previews_of_a_fully_sharded_model_match_the_whole_model(tmp_path: Path) -> None:
     """FSDP full-shard in 2 CPU processes (gloo): both ranks sample together through the wrapper
     and rank 0 writes exactly the meshes the unsharded model gives for the same seed."""
-    import socket
-
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     from genlab.callbacks.samples import SamplePreviews
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_sharded_previews, args=(str(tmp_path / "fsdp"), port), nprocs=2)
+    _run_on_two_gloo_ranks(_sharded_previews, str(tmp_path / "fsdp"))
 
     whole = SingleDeviceStrategy(torch.device("cpu"))
     SamplePreviews(tmp_path / "whole", PREVIEW_PROMPTS, num_per_prompt=2, seed=5).write(
@@ -676,38 +692,22 @@ def _clip_batch() -> torch.Tensor:
     return torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
 
 
-def _sharded_clipping(rank: int, port: int, out: str) -> None:
+def _sharded_clipping(rank: int, out: str) -> None:
     """One of 2 gloo ranks: backward through a fully sharded module, then the clipping hook."""
-    import torch.distributed as dist
-    from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        module = _TwoLayers()
-        wrapper = FullyShardedDataParallel(
-            module,
-            auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
-            sharding_strategy=ShardingStrategy.FULL_SHARD,
-            device_id=torch.device("cpu"),
-            use_orig_params=True,
-        )
-        strategy = FSDPStrategy()
-        strategy.model = wrapper
-        module._trainer = SimpleNamespace(strategy=strategy)
-        wrapper(_clip_batch()).square().sum().backward()
-        module.configure_gradient_clipping(None, 0.05, "norm")
-        with FullyShardedDataParallel.summon_full_params(wrapper, with_grads=True):
-            grads = {
-                n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
-                for n, p in module.named_parameters()
-            }
-        if rank == 0:
-            torch.save(grads, out)
-    finally:
-        dist.destroy_process_group()
+    module = _TwoLayers()
+    strategy = _fully_sharded(module, {torch.nn.Linear})
+    module._trainer = SimpleNamespace(strategy=strategy)
+    strategy.model(_clip_batch()).square().sum().backward()
+    module.configure_gradient_clipping(None, 0.05, "norm")
+    with FullyShardedDataParallel.summon_full_params(strategy.model, with_grads=True):
+        grads = {
+            n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+            for n, p in module.named_parameters()
+        }
+    if rank == 0:
+        torch.save(grads, out)
 
 
 def test_gradient_clipping_by_norm_under_fsdp_uses_the_norm_over_all_shards(
@@ -715,13 +715,8 @@ def test_gradient_clipping_by_norm_under_fsdp_uses_the_norm_over_all_shards(
 ) -> None:
     """Lightning refuses norm clipping under FSDP; the modules' hook clips through the root
     wrapper, so 2 fully sharded CPU ranks end with the gradients one unsharded process clips to."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "grads.pt"
-    torch.multiprocessing.spawn(_sharded_clipping, args=(port, str(out)), nprocs=2)
+    _run_on_two_gloo_ranks(_sharded_clipping, str(out))
     sharded = torch.load(out)
 
     whole = _TwoLayers()

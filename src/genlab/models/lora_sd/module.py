@@ -329,8 +329,10 @@ class LoRADreamBooth(GenerativeModule):
         self._collecting: list[Image.Image] = []
         self._val_split_references: list[Image.Image] | None = None
         self._baseline: FidelityValues | None = None
-        # validation samples drawn in validation_step, written at the epoch's end
+        # validation samples drawn in validation_step, written at the epoch's end; the base
+        # model's once per run (on every rank: rank 0 alone knows whether it scored them)
         self._drawn: ValidationDraw | None = None
+        self._baseline_drawn = False
         self._warned_no_references = False
         self._warned_class_batch = False
 
@@ -652,17 +654,18 @@ class LoRADreamBooth(GenerativeModule):
         return samples
 
     def draw_validation_samples(self) -> ValidationDraw:
-        """The validation prompts' samples and, while the baseline is still to be scored, the
-        base model's samples of the same prompts and seeds."""
+        """The validation prompts' samples and, the first time, the base model's samples of the
+        same prompts and seeds (for ``validation.baseline`` with a scorer)."""
         prompts = self.validation_prompts()
         samples = self._validation_samples(prompts)
         baseline = None
-        if self.validation["baseline"] and self.metrics is not None and self._baseline is None:
+        if self.validation["baseline"] and self.metrics is not None and not self._baseline_drawn:
+            self._baseline_drawn = True
             with self.adapters_disabled():
                 baseline = self._validation_samples(prompts)
         return ValidationDraw(prompts, samples, baseline)
 
-    def write_validation_samples(self, drawn: ValidationDraw | None = None) -> Path:
+    def write_validation_samples(self, drawn: ValidationDraw) -> Path:
         """Sample ``validation_prompts`` with fixed seeds into ``samples/step_XXXXXX/`` and log the grid.
 
         With ``metrics``, the samples are scored against :meth:`reference_images`: the means
@@ -671,13 +674,13 @@ class LoRADreamBooth(GenerativeModule):
         sampled and scored once per run, with the same prompts and seeds (its images in
         ``samples/baseline/``, its scores in ``baseline_metrics.json``); its means are
         logged as ``val/baseline_<name>`` at every validation and its per-prompt values fill
-        the ``baseline_*`` columns of ``metrics.csv``. ``drawn``: samples from
-        :meth:`draw_validation_samples` (drawn now when None). Call on rank 0 only.
+        the ``baseline_*`` columns of ``metrics.csv``. ``drawn``: from
+        :meth:`draw_validation_samples`. Call on rank 0 only.
         """
         from genlab.loggers.media import log_image
         from genlab.samples import write_samples
 
-        prompts, samples, baseline_samples = drawn or self.draw_validation_samples()
+        prompts, samples, baseline_samples = drawn
         step = self.global_step
         out = Path(self.trainer.default_root_dir) / "samples" / f"step_{step:06d}"
         _, grid_path = write_samples(samples, out)
@@ -719,19 +722,16 @@ class LoRADreamBooth(GenerativeModule):
         self,
         prompts: Sequence[str],
         references: Sequence[Image.Image],
-        samples: Sequence[Sample] | None = None,
-    ) -> FidelityValues:
-        """Scores of the base model (adapters off) for ``prompts``: computed on the first call,
-        with the validation seeds (``samples``: already drawn so), then reused; images and
-        ``baseline_metrics.json`` written into the run directory."""
-        if self._baseline is not None:
+        samples: Sequence[Sample] | None,
+    ) -> FidelityValues | None:
+        """Scores of the base model (adapters off) for ``prompts``: computed from its
+        ``samples`` (drawn with the validation seeds) the first time they are given, then
+        reused; images and ``baseline_metrics.json`` written into the run directory."""
+        if self._baseline is not None or samples is None:
             return self._baseline
         from genlab.loggers.media import log_image
         from genlab.samples import write_samples
 
-        if samples is None:
-            with self.adapters_disabled():
-                samples = self._validation_samples(prompts)
         root = Path(self.trainer.default_root_dir)
         _, grid_path = write_samples(samples, root / "samples" / "baseline")
         with Image.open(grid_path) as grid:

@@ -672,11 +672,9 @@ class ShapEPriorFineTune(GenerativeModule):
         labels = [c or i for c, i in zip(objects.captions, objects.object_ids, strict=True)]
         return self.generate(condition, labels, generator, int(val["num_per_condition"]))
 
-    def write_validation(
-        self, objects: _ValObjects, generated: Generated | None = None
-    ) -> dict[str, float]:
-        """Write and log the val objects' generations (drawn now when ``generated`` is None);
-        return the metrics."""
+    def write_validation(self, objects: _ValObjects, generated: Generated) -> dict[str, float]:
+        """Write and log the val objects' generations (:meth:`generate_validation`); return the
+        metrics."""
         from genlab.geometry.mesh_io import save_mesh
         from genlab.geometry.render import image_grid
         from genlab.loggers.media import log_image
@@ -684,8 +682,6 @@ class ShapEPriorFineTune(GenerativeModule):
 
         val = self.validation
         per = int(val["num_per_condition"])
-        if generated is None:
-            generated = self.generate_validation(objects)
         step = self.global_step
         out = Path(self.trainer.default_root_dir) / "samples" / f"step_{step:06d}"
         out.mkdir(parents=True, exist_ok=True)

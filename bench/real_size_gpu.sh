@@ -7,8 +7,8 @@
 # Each bench gets its own time cap and the whole run stays within SECONDS (default 540); a
 # bench that runs out of time is reported as such and the next one starts. Logs go to
 # OUT_DIR (default bench-out/), one file per bench, and a summary of their last lines to
-# OUT_DIR/summary.txt. NAMEs (shape_e otuken3d fsdp_tests voxel_vaegan lora_sd15 mv_diffusion
-# lora_sdxl) run only those.
+# OUT_DIR/summary.txt. NAMEs (shape_e otuken3d fsdp_tests deepspeed_tests voxel_vaegan lora_sd15
+# mv_diffusion lora_sdxl) run only those. deepspeed_tests skip unless deepspeed is installed.
 set -u
 out=${1:-bench-out}
 budget=${2:-540}
@@ -43,6 +43,7 @@ python3 -c "import torch; print('torch', torch.__version__)" >>"$out/summary.txt
 step shape_e 90 python3 bench/shape_e_step.py --real-size
 step otuken3d 70 python3 bench/otuken3d_step.py --real-size
 step fsdp_tests 170 python3 -m pytest -q -p no:cacheprovider tests/integration/test_scale_out.py -k fsdp
+step deepspeed_tests 300 python3 -m pytest -q -p no:cacheprovider tests/integration/test_scale_out.py -k deepspeed
 step voxel_vaegan 50 python3 bench/ddp_scaling.py --single-gpu-real-size --steps 30
 step lora_sd15 70 python3 bench/lora_step.py --real-size sd15
 step mv_diffusion 70 python3 bench/mv_step.py --real-size

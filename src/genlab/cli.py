@@ -17,7 +17,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.callbacks.scaling import scale_config_lr
-from genlab.distributed import check_strategy, job_processes
+from genlab.distributed import (
+    check_strategy,
+    export_trained_weights,
+    is_deepspeed_checkpoint,
+    job_processes,
+    refuse_frozen_saved_weights,
+    refuse_test_after_zero3,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +61,8 @@ def resolve_ckpt_path(
     task_name: str,
     current_run: str | Path | None = None,
 ) -> str | None:
-    """``last`` -> the newest ``last.ckpt`` among earlier runs of ``task_name``; a path must exist."""
+    """``last`` -> the newest ``last.ckpt`` among earlier runs of ``task_name`` (a file, or a
+    folder under ``trainer=deepspeed``); a path must exist."""
     if ckpt_path in (None, ""):
         return None
     if str(ckpt_path) == "last":
@@ -73,8 +81,10 @@ def resolve_ckpt_path(
         log.info("resuming from %s", newest)
         return str(newest)
     path = Path(str(ckpt_path)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    if not (path.is_file() or is_deepspeed_checkpoint(path)):
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path}: no such checkpoint file (or DeepSpeed checkpoint folder)"
+        )
     return str(path)
 
 
@@ -139,6 +149,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     scale_config_lr(cfg, trainer)
     model: pl.LightningModule = instantiate(cfg.model)
+    refuse_frozen_saved_weights(trainer.strategy, model)
+    refuse_test_after_zero3(trainer.strategy, bool(cfg.get("test", False)))
 
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -161,9 +173,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 log.warning("no best checkpoint: testing the weights in memory")
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics |= scalar_metrics(trainer.callback_metrics)
+        if cfg.get("train", True):  # every rank: sharded weights are gathered for the export
+            export_trained_weights(
+                trainer, model, lambda: instantiate(cfg.model), output_dir / "model.safetensors"
+            )
     if trainer.is_global_zero:
-        if cfg.get("train", True):
-            model.export_weights(output_dir / "model.safetensors")
         write_json(output_dir / "metrics.json", metrics)
         log.info("metrics: %s", json.dumps(metrics, indent=1))
         log.info("run directory: %s", output_dir)

@@ -16,9 +16,13 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision.deepspeed import DeepSpeedPrecision
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import DictConfig, OmegaConf, read_write
 
 log = logging.getLogger(__name__)
@@ -168,7 +172,7 @@ def shards_weights(strategy: object) -> bool:
     ``ModelParallelStrategy``; False for DDP and single-device runs, where every rank has the
     whole model.
     """
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     if isinstance(strategy, FSDPStrategy):
         return getattr(strategy.sharding_strategy, "name", "") != "NO_SHARD"
@@ -196,16 +200,188 @@ def call_with_full_weights(
     return getattr(module, method)(*args, **kwargs)
 
 
-def refuse_scorer_under_sharding(strategy: object, scorer: object, key: str) -> None:
-    """Stop a run whose scorer network would be sharded but is run by rank 0 alone.
+def refuse_under_sharding(strategy: object, used: bool, switch_off: str, why: str) -> None:
+    """Stop at setup a run that uses a part needing the whole weights where each rank holds a shard.
 
-    Scorers (CLIP, DINO) score samples at the end of validation on rank 0, outside any step;
-    under FSDP / ZeRO-3 their weights would be shards there. Until they are kept whole on
-    every rank, such a run stops at setup, naming the key to switch off.
+    Scorers (CLIP, DINO) score samples on rank 0 alone after validation, outside any step; EMA
+    copies are updated from the live weights after each step. Under FSDP / ZeRO-3 both would
+    see only shards there, so such a run stops, naming the override that switches it off
+    (``switch_off``, e.g. ``model.metrics=null``).
     """
-    if scorer is not None and shards_weights(strategy):
+    if used and shards_weights(strategy):
+        name = type(strategy).__name__
+        other = "trainer=ddp" + (" or trainer.strategy.stage=2" if "DeepSpeed" in name else "")
         raise ValueError(
-            f"{key} is not supported with {type(strategy).__name__} sharding the weights: the "
-            f"scorer runs on rank 0 alone after validation and would see only its shard. Set "
-            f"{key}=null, or train with trainer=ddp"
+            f"{switch_off.split('=')[0]} is not supported with {name} sharding the weights: "
+            f"{why}. Set {switch_off}, or train with {other}"
+        )
+
+
+SCORER_SEES_A_SHARD = (
+    "the scorer runs on rank 0 alone after validation and would see only its shard"
+)
+EMA_SEES_A_SHARD = "the EMA copy is updated from the live weights after each step, where each rank holds only a shard"
+
+
+def gathered_state_dict(
+    trainer: pl.Trainer, module: pl.LightningModule
+) -> dict[str, torch.Tensor] | None:
+    """``module.state_dict()`` (what its checkpoints hold) with whole float32 weights, on rank 0.
+
+    Under FSDP (sharded) and DeepSpeed this is a collective that every rank must call: FSDP
+    gathers the shards; DeepSpeed gives its optimiser's float32 master weights of every trained
+    parameter (its module may hold bf16/fp16 copies, and under ZeRO-3 only partitions).
+    Rank 0 gets the tensors on the CPU, the other ranks None. Elsewhere it is rank 0's plain
+    state dict.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = trainer.strategy
+    rank0 = trainer.is_global_zero
+    if isinstance(strategy, FSDPStrategy) and shards_weights(strategy):
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
+            state = dict(strategy.model.state_dict())
+        if not rank0:
+            return None
+        from genlab.models.base import drop_unsaved_keys
+
+        drop_unsaved_keys(module, state)  # inside the wrapper the module's hook keeps them all
+        return state
+    if isinstance(strategy, DeepSpeedStrategy):
+        # Lightning's teardown after fit moved the module to the CPU; its partitions and
+        # float32 masters are gathered on the GPU
+        module.to(strategy.root_device)
+        return _deepspeed_state_dict(module, rank0, bool(strategy.zero_stage_3))
+    return dict(module.state_dict()) if rank0 else None
+
+
+def _deepspeed_state_dict(
+    module: pl.LightningModule, rank0: bool, partitioned: bool
+) -> dict[str, torch.Tensor] | None:
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from genlab.models.base import plain_name
+
+    saved = module.saved_keys() if hasattr(module, "saved_keys") else (lambda _: True)
+    named = [(plain_name(n), p) for n, p in module.named_parameters()]
+    gather = deepspeed.zero.GatheredParameters if partitioned else _no_gathering
+    with gather([p for n, p in named if saved(n)], modifier_rank=None):
+        state = module.state_dict()
+        state = {k: v.detach().cpu().clone() for k, v in state.items()} if rank0 else {}
+    for name, param in named:  # the same order on every rank: each call is a collective
+        if saved(name) and param.requires_grad:
+            master = safe_get_full_fp32_param(param)
+            if master is not None and rank0:
+                state[name] = master.detach().cpu().clone()
+    return state if rank0 else None
+
+
+@contextmanager
+def _no_gathering(_params: object, modifier_rank: int | None = None) -> Iterator[None]:
+    yield
+
+
+def export_trained_weights(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    build: Callable[[], pl.LightningModule],
+    path: Path,
+) -> Path | None:
+    """Rank 0 writes ``module.export_weights(path)`` (and the files each method adds beside it).
+
+    Under FSDP sharding and DeepSpeed the live module may hold shards or low-precision copies,
+    so the float32 weights are gathered first (every rank must call this) and rank 0 writes the
+    export from a whole copy of the model that ``build`` makes on its CPU, loaded with them.
+    Returns the path on rank 0, else None.
+    """
+    strategy = trainer.strategy
+    if not (shards_weights(strategy) or isinstance(strategy, DeepSpeedStrategy)):
+        return module.export_weights(path) if trainer.is_global_zero else None
+    state = gathered_state_dict(trainer, module)
+    if state is None:
+        return None
+    log.info("exporting the gathered weights through a whole copy of the model on the CPU")
+    whole = build()
+    whole.load_state_dict(state)
+    return whole.export_weights(path)
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint folder written by DeepSpeed (``trainer=deepspeed``)."""
+    path = Path(path)
+    return path.is_dir() and (path / "latest").is_file()
+
+
+def refuse_frozen_saved_weights(strategy: object, module: torch.nn.Module) -> None:
+    """Stop before training when checkpoints would silently lose weights the module saves.
+
+    DeepSpeed with ``exclude_frozen_parameters`` (``trainer=deepspeed`` sets it, so that a
+    LoRA's checkpoints do not carry the frozen base) leaves every parameter without gradients
+    out of its checkpoints, including frozen ones the module does save (an EMA copy).
+    """
+    if not getattr(strategy, "exclude_frozen_parameters", False):
+        return
+    from genlab.models.base import plain_name
+
+    saved = module.saved_keys() if hasattr(module, "saved_keys") else (lambda _: True)
+    names = [plain_name(n) for n, p in module.named_parameters() if not p.requires_grad]
+    lost = [n for n in names if saved(n)]
+    if lost:
+        raise ValueError(
+            f"{len(lost)} weight(s) this model saves are frozen parameters (e.g. {lost[:3]}), "
+            "which DeepSpeed leaves out of its checkpoints "
+            "(trainer.strategy.exclude_frozen_parameters=true): set "
+            "trainer.strategy.exclude_frozen_parameters=false (checkpoints then hold every "
+            "frozen weight too), or switch off the part that owns them"
+        )
+
+
+class DeepSpeedAutocastStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, whose ``bf16-mixed`` is torch autocast.
+
+    Lightning maps ``bf16-mixed`` to DeepSpeed's bf16 mode: every weight in bf16 and no
+    autocast (the engine even switches off an autocast around it), so each float32 tensor a
+    model makes itself (noise, timestep embeddings, point clouds) meets bf16 weights and the
+    step fails. Here it is DeepSpeed's ``torch_autocast`` instead: float32 weights, each
+    operation cast as under the other strategies' mixed precision, gradients of linear and
+    convolution layers communicated in bf16. A ``config`` that sets ``bf16``, ``fp16`` or
+    ``torch_autocast`` itself is left as it is.
+    """
+
+    def _format_config(self) -> None:
+        own = {"bf16", "fp16", "torch_autocast"} & set(self.config or {})
+        if self.precision_plugin.precision == "bf16-mixed" and not own:
+            self.config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+            self.config["bf16"] = {"enabled": False}  # not DeepSpeed's bf16 mode on top
+        super()._format_config()
+
+
+class DeepSpeedAutocastPrecision(DeepSpeedPrecision):
+    """Lightning's DeepSpeed precision plugin, leaving the batch's floats as they are under
+    ``bf16-mixed`` (:class:`DeepSpeedAutocastStrategy` autocasts per operation; Lightning's
+    plugin casts the whole batch to bf16, so point clouds would lose precision first)."""
+
+    def convert_input(self, data: Any) -> Any:
+        if self.precision == "bf16-mixed":
+            return data
+        return super().convert_input(data)
+
+
+def refuse_test_after_zero3(strategy: object, testing: bool) -> None:
+    """Stop before training a run that would test a ZeRO-3 checkpoint after fit.
+
+    ``trainer.test`` loads the best checkpoint into DeepSpeed's inference engine, which cannot
+    restore a ZeRO-3 folder (DeepSpeed 0.19: ``'DeepSpeedZeRoOffload' object has no attribute
+    '_restore_from_bit16_weights'``); the run would fail after the whole training.
+    """
+    if testing and getattr(strategy, "zero_stage_3", False):
+        raise ValueError(
+            "test=true cannot run with DeepSpeed ZeRO-3 (trainer.strategy.stage=3): DeepSpeed's "
+            "inference engine cannot load the ZeRO-3 checkpoint for testing. Set test=false "
+            "(validation metrics are still logged), or use trainer.strategy.stage=2 or trainer=fsdp"
         )

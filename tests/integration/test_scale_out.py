@@ -27,14 +27,19 @@ from hydra.utils import instantiate
 from genlab.callbacks.scaling import ScalingReport, lr_scale, scale_config_lr
 from genlab.callbacks.sweep import SweepSummary
 from genlab.distributed import (
+    SCORER_SEES_A_SHARD,
     call_with_full_weights,
     check_strategy,
     config_flags,
+    export_trained_weights,
+    gathered_state_dict,
     job_command_line,
-    refuse_scorer_under_sharding,
+    refuse_frozen_saved_weights,
+    refuse_test_after_zero3,
+    refuse_under_sharding,
     shards_weights,
 )
-from genlab.models.base import GenerativeModule
+from genlab.models.base import GenerativeModule, plain_name
 from tests.helpers import TINY_VOXEL, compose_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -242,6 +247,8 @@ def test_each_method_samples_and_checkpoints_under_fsdp(
 ) -> None:
     """trainer=fsdp (bf16-mixed) on one GPU: training steps, sampling through the wrapped model
     (previews and validation samples written), a full checkpoint of finite float32 weights."""
+    from safetensors.torch import load_file
+
     drop = ("callbacks.samples=null", "trainer.accelerator=cpu")
     overrides = [o for o in args(tmp_path) if o not in drop]
     run_train(
@@ -255,8 +262,78 @@ def test_each_method_samples_and_checkpoints_under_fsdp(
     weights = [t for t in state["state_dict"].values() if t.is_floating_point()]
     assert weights and all(bool(torch.isfinite(t).all()) for t in weights)
     assert {t.dtype for t in weights} == {torch.float32}
+    # the checkpoint holds what the method saves (not a frozen base), as the gathered export does
+    exported = load_file(str(run / "model.safetensors"))
+    assert state["state_dict"].keys() == exported.keys()
+    for key, value in exported.items():
+        torch.testing.assert_close(value, state["state_dict"][key], rtol=0, atol=0)
     metrics = json.loads((run / "metrics.json").read_text())
     assert math.isfinite(metrics["val/loss"])
+
+
+def _deepspeed_missing() -> str | None:
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        return "DeepSpeed needs a CUDA GPU (Lightning refuses it on the CPU)"
+    if importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not installed"
+    return None
+
+
+@pytest.mark.skipif(_deepspeed_missing() is not None, reason=str(_deepspeed_missing()))
+@pytest.mark.parametrize(
+    ("method", "args", "stage", "extra", "sampled"),
+    [
+        # ZeRO-2 with clipping (DeepSpeed clips), then ZeRO-3 (parameters partitioned) + resume
+        ("lora_sd", _lora_sd_args, 2, ["trainer.gradient_clip_val=1.0"], {"step_", "epoch_"}),
+        ("lora_sd", _lora_sd_args, 3, [], {"step_", "epoch_"}),
+        # its experiment tests the best checkpoint after fit, which ZeRO-3 refuses (see cli)
+        ("otuken3d", _otuken3d_args, 3, [PREVIEWS, "test=false"], {"epoch_"}),
+        ("shape_e", _shape_e_args, 3, [PREVIEWS, "model.clip_scorer=null"], {"step_", "epoch_"}),
+    ],
+)
+def test_each_method_samples_checkpoints_and_exports_under_deepspeed(
+    method: str, args: Any, stage: int, extra: list[str], sampled: set[str], tmp_path: Path
+) -> None:
+    """trainer=deepspeed (bf16-mixed as DeepSpeed's torch autocast) on one GPU: samples drawn
+    through the engine, a checkpoint folder whose float32 weights equal the exported
+    model.safetensors (the optimiser's master weights); under ZeRO-3 a second run resumes from
+    that folder."""
+    from safetensors.torch import load_file
+
+    from genlab.distributed import is_deepspeed_checkpoint
+    from genlab.models.base import _deepspeed_fp32_weights
+
+    drop = ("callbacks.samples=null", "trainer.accelerator=cpu")
+    overrides = [o for o in args(tmp_path) if o not in drop]
+    common = [
+        *overrides, "trainer=deepspeed", "trainer.accelerator=gpu", "trainer.devices=1",
+        f"trainer.strategy.stage={stage}", *extra, f"task_name={method}",
+    ]  # fmt: skip
+    run_train(tmp_path, *common, "trainer.max_epochs=1", timeout=600)
+    (run,) = list((tmp_path / "logs" / method / "runs").iterdir())
+    written = {p.parent.name for p in [*run.rglob("grid.png"), *run.rglob("renders.png")]}
+    assert {name[: name.index("_") + 1] for name in written} == sampled, written
+    folder = run / "checkpoints" / "last.ckpt"
+    assert is_deepspeed_checkpoint(folder)
+    master = _deepspeed_fp32_weights(folder)
+    exported = load_file(str(run / "model.safetensors"))
+    assert master.keys() == exported.keys() and exported
+    for key, value in exported.items():  # DeepSpeed's reader gives buffers as float too
+        if value.is_floating_point():
+            assert value.dtype == torch.float32 and bool(torch.isfinite(value).all()), key
+        torch.testing.assert_close(value.float(), master[key].float(), rtol=0, atol=0)
+    assert math.isfinite(json.loads((run / "metrics.json").read_text())["val/loss"])
+    if stage == 3 and method == "lora_sd":
+        run_train(tmp_path, *common, "trainer.max_epochs=2", f"ckpt_path={folder}", timeout=600)
+        (resumed,) = [r for r in (tmp_path / "logs" / method / "runs").iterdir() if r != run]
+        # the client state (Lightning's loops) beside rank 0's ZeRO-3 model states
+        states = "checkpoint/zero_pp_rank_0_mp_rank_00_model_states.pt"
+        first = torch.load(folder / states, weights_only=False)
+        second = torch.load(resumed / "checkpoints" / "last.ckpt" / states, weights_only=False)
+        assert (first["epoch"], second["epoch"]) == (0, 1)
+        assert second["global_step"] == 2 * first["global_step"] > 0
 
 
 @pytest.mark.parametrize(
@@ -423,12 +500,56 @@ def test_trainer_configs_for_scale_out(tmp_path: Path) -> None:
 
     deepspeed = compose_config("train", ["trainer=deepspeed"], tmp_path)
     assert deepspeed.trainer.strategy.stage == 2 and deepspeed.trainer.plugins is None
+    assert deepspeed.trainer.strategy.exclude_frozen_parameters is True
+    plugin = instantiate(deepspeed.trainer.strategy.precision_plugin)  # steps under autocast
+    assert (
+        type(plugin).__name__ == "DeepSpeedAutocastPrecision" and plugin.precision == "bf16-mixed"
+    )
     try:
         import deepspeed as _  # noqa: F401
     except ImportError:
         with pytest.raises(RuntimeError, match=r"DeepSpeedStrategy.*pip install -U deepspeed"):
             check_strategy(deepspeed.trainer)
     check_strategy(cfg.trainer)  # DDP builds
+
+
+def test_deepspeed_checkpoints_keep_every_saved_weight_and_folders_are_accepted(
+    tmp_path: Path,
+) -> None:
+    """trainer=deepspeed leaves frozen parameters out of its checkpoint folders: a model that
+    saves a frozen one stops before training; the folders are taken as ckpt_path and read (with
+    deepspeed installed) or refused naming the package."""
+    from genlab.cli import resolve_ckpt_path
+    from genlab.models.base import load_weights
+
+    excluding = SimpleNamespace(exclude_frozen_parameters=True)
+    refuse_frozen_saved_weights(excluding, _TwoLayers())  # its frozen layer is not saved
+    model = _TwoLayers()
+    model.a.bias.requires_grad_(False)  # frozen, but saved like an EMA copy
+    with pytest.raises(
+        ValueError,
+        match=r"1 weight\(s\) this model saves .*'a.bias'.*exclude_frozen_parameters=false",
+    ):
+        refuse_frozen_saved_weights(excluding, model)
+    refuse_frozen_saved_weights(SimpleNamespace(exclude_frozen_parameters=False), model)
+    # testing the best checkpoint after fit is refused before training under ZeRO-3
+    with pytest.raises(ValueError, match=r"test=true cannot run with DeepSpeed ZeRO-3"):
+        refuse_test_after_zero3(SimpleNamespace(zero_stage_3=True), True)
+    refuse_test_after_zero3(SimpleNamespace(zero_stage_3=True), False)
+    refuse_test_after_zero3(SimpleNamespace(zero_stage_3=False), True)
+
+    folder = tmp_path / "logs" / "job" / "runs" / "1" / "checkpoints" / "last.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        resolve_ckpt_path(str(folder), tmp_path / "logs", "job")
+    (folder / "latest").write_text("checkpoint")
+    assert resolve_ckpt_path(str(folder), tmp_path / "logs", "job") == str(folder)
+    assert resolve_ckpt_path("last", tmp_path / "logs", "job") == str(folder)
+    try:
+        import deepspeed as _  # noqa: F401
+    except ImportError:
+        with pytest.raises(ModuleNotFoundError, match=r"last.ckpt is a DeepSpeed checkpoint"):
+            load_weights(_TwoLayers(), folder)
 
 
 def test_launcher_configs_follow_the_trainer(tmp_path: Path) -> None:
@@ -568,10 +689,14 @@ def test_sampling_goes_through_the_wrapper_only_when_weights_are_sharded() -> No
         assert wrapper.entered == through_wrapper
         assert module.forward.__func__ is pl.LightningModule.forward  # the patch is undone
     # a scorer run by rank 0 after validation would see only its shard: refused at setup
-    with pytest.raises(ValueError, match=r"model.metrics is not supported.*Set model.metrics=null"):
-        refuse_scorer_under_sharding(sharded[0], torch.nn.Linear(1, 1), "model.metrics")
-    refuse_scorer_under_sharding(sharded[0], None, "model.metrics")
-    refuse_scorer_under_sharding(whole[1], torch.nn.Linear(1, 1), "model.metrics")
+    key, why = "model.metrics=null", SCORER_SEES_A_SHARD
+    with pytest.raises(
+        ValueError,
+        match=r"model.metrics is not supported with FSDPStrategy.*Set model.metrics=null, or",
+    ):
+        refuse_under_sharding(sharded[0], True, key, why)
+    refuse_under_sharding(sharded[0], False, key, why)
+    refuse_under_sharding(whole[1], True, key, why)
 
 
 def _voxel_model() -> pl.LightningModule:
@@ -678,53 +803,118 @@ def test_previews_of_a_fully_sharded_model_match_the_whole_model(tmp_path: Path)
         assert (tmp_path / "fsdp" / rel).read_bytes() == (tmp_path / "whole" / rel).read_bytes()
 
 
+class _Scale(torch.nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(size) + 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
 class _TwoLayers(GenerativeModule):
+    """Two trained layers after a frozen one (kept out of checkpoints, like a text encoder). Only
+    the Linear layers become FSDP units: the frozen one is in the root unit, beside the module's
+    other weights, as a frozen base or text encoder is."""
+
+    frozen_modules = ("frozen",)
+
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
+        self.frozen = _Scale(6).requires_grad_(False)
         self.a, self.b = torch.nn.Linear(6, 16), torch.nn.Linear(16, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.tanh(self.a(x)))
+        return self.b(torch.tanh(self.a(self.frozen(x))))
 
 
 def _clip_batch() -> torch.Tensor:
     return torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
 
 
-def _sharded_clipping(rank: int, out: str) -> None:
-    """One of 2 gloo ranks: backward through a fully sharded module, then the clipping hook."""
+def _sharded_step(rank: int, out_dir: str) -> None:
+    """One of 2 gloo ranks, the module fully sharded: backward, the clipping hook, an SGD step,
+    then the weights as a checkpoint and the export see them, and a strict reload."""
+    from lightning.fabric.strategies.model_parallel import _load_raw_module_state
     from torch.distributed.fsdp import FullyShardedDataParallel
 
+    out = Path(out_dir)
     module = _TwoLayers()
     strategy = _fully_sharded(module, {torch.nn.Linear})
-    module._trainer = SimpleNamespace(strategy=strategy)
+    module._trainer = trainer = SimpleNamespace(strategy=strategy, is_global_zero=rank == 0)
     strategy.model(_clip_batch()).square().sum().backward()
     module.configure_gradient_clipping(None, 0.05, "norm")
     with FullyShardedDataParallel.summon_full_params(strategy.model, with_grads=True):
         grads = {
-            n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
-            for n, p in module.named_parameters()
+            plain_name(n): p.grad.clone() for n, p in module.named_parameters() if p.requires_grad
         }
+    torch.optim.SGD(strategy.model.parameters(), lr=1.0).step()
+
+    # what Lightning's last.ckpt holds: the strategy's (full) state dict, then the module's hook
+    checkpoint = {"state_dict": strategy.lightning_module_state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    checkpoint = checkpoint["state_dict"]
+    export_trained_weights(trainer, module, _TwoLayers, out / "model.safetensors")
     if rank == 0:
-        torch.save(grads, out)
+        torch.save(checkpoint, out / "checkpoint.pt")
+    torch.distributed.barrier()
+    with torch.no_grad():  # forget the trained weights, then resume from the checkpoint
+        for param in strategy.model.parameters():
+            param.zero_()
+    state = torch.load(out / "checkpoint.pt")
+    _load_raw_module_state(state, strategy.model, world_size=2, strict=True)
+    reloaded = gathered_state_dict(trainer, module)
+    if rank == 0:
+        torch.save({"grads": grads, "checkpoint": checkpoint, "reloaded": reloaded}, out / "run.pt")
+
+
+@pytest.fixture(scope="module")
+def sharded_step(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp_step")
+    _run_on_two_gloo_ranks(_sharded_step, str(out))
+    return out
+
+
+def _whole_step() -> _TwoLayers:
+    """The same step in one unsharded process (both ranks saw the same batch: same mean)."""
+    whole = _TwoLayers()
+    whole(_clip_batch()).square().sum().backward()
+    norm = torch.nn.utils.clip_grad_norm_(whole.parameters(), 0.05)
+    assert norm > 0.05  # clipping did something
+    return whole
 
 
 def test_gradient_clipping_by_norm_under_fsdp_uses_the_norm_over_all_shards(
-    tmp_path: Path,
+    sharded_step: Path,
 ) -> None:
     """Lightning refuses norm clipping under FSDP; the modules' hook clips through the root
     wrapper, so 2 fully sharded CPU ranks end with the gradients one unsharded process clips to."""
-    out = tmp_path / "grads.pt"
-    _run_on_two_gloo_ranks(_sharded_clipping, str(out))
-    sharded = torch.load(out)
-
-    whole = _TwoLayers()
-    whole(_clip_batch()).square().sum().backward()  # both ranks saw this batch: same mean
-    norm = torch.nn.utils.clip_grad_norm_(whole.parameters(), 0.05)
-    assert norm > 0.05  # clipping did something
-    assert sharded.keys() == dict(whole.named_parameters()).keys()
-    for name, p in whole.named_parameters():
-        torch.testing.assert_close(sharded[name], p.grad, rtol=1e-5, atol=1e-7)
+    sharded = torch.load(sharded_step / "run.pt")["grads"]
+    whole = {n: p.grad for n, p in _whole_step().named_parameters() if p.requires_grad}
+    assert sharded.keys() == whole.keys() == {"a.weight", "a.bias", "b.weight", "b.bias"}
+    for name, grad in whole.items():
+        torch.testing.assert_close(sharded[name], grad, rtol=1e-5, atol=1e-7)
     total = torch.linalg.vector_norm(torch.stack([g.norm() for g in sharded.values()]))
     assert total.item() == pytest.approx(0.05, rel=1e-4)
+
+
+def test_sharded_weights_are_checkpointed_exported_and_reloaded_whole(sharded_step: Path) -> None:
+    """FSDP full-shard in 2 CPU processes: Lightning's full checkpoint holds the trained weights
+    only (not the frozen layer) and whole; the export (gathered, written from a whole copy) has
+    the same tensors; a strict reload into the sharded model brings them back exactly."""
+    from safetensors.torch import load_file
+
+    whole = _whole_step()
+    torch.optim.SGD(whole.parameters(), lr=1.0).step()
+    expected = whole.state_dict()
+    assert set(expected) == {"a.weight", "a.bias", "b.weight", "b.bias"}
+
+    run = torch.load(sharded_step / "run.pt")
+    exported = load_file(str(sharded_step / "model.safetensors"))
+    for got in (run["checkpoint"], exported, run["reloaded"]):
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
+    # the step moved the weights: a checkpoint of the initial ones could not pass
+    assert not torch.allclose(expected["a.weight"], _TwoLayers().a.weight)

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from genlab.models.base import load_weights
+from genlab.models.base import every_weight, load_weights
 from genlab.models.lora_sd import (
     LoRADreamBooth,
     adamw_8bit,
@@ -216,10 +216,12 @@ def test_one_training_step_changes_only_lora_weights(tmp_path: Path, tok_dir: Pa
     model = make(
         "lora_sd_tiny", tmp_path, tok_dir, "model.optimizer.lr=1e-2", "model.noise_offset=0.1"
     )
-    before = {k: v.clone() for k, v in torch.nn.Module.state_dict(model).items()}
+    with every_weight():  # the frozen base too
+        before = {k: v.clone() for k, v in model.state_dict().items()}
     t = trainer(tmp_path)
     t.fit(model, train_dataloaders=loader())
-    after = torch.nn.Module.state_dict(model)
+    with every_weight():
+        after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     lora_b = {k for k in before if ".lora_B." in k}
     assert lora_b <= changed  # B starts at zero and moves
@@ -360,7 +362,8 @@ def test_checkpoint_holds_only_lora_weights_and_reloads(tmp_path: Path, tok_dir:
     lora = [n for n, _ in model.lora_parameters()]
     assert sorted(keys) == sorted(lora) and all(".lora_" in k for k in keys)
     assert len(ckpt["optimizer_states"]) == 1
-    base_bytes = sum(v.numel() * 4 for v in torch.nn.Module.state_dict(model).values())
+    with every_weight():
+        base_bytes = sum(v.numel() * 4 for v in model.state_dict().values())
     assert path.stat().st_size < 0.1 * base_bytes
     fresh = make("lora_sd_tiny", tmp_path, tok_dir)
     load_weights(fresh, path)

@@ -388,3 +388,18 @@ def test_residual_gain_is_shardable_and_loads_older_scalar_gains() -> None:
     torch.testing.assert_close(block(x, style), x + 0.25 * y)
     with pytest.raises(RuntimeError, match="size mismatch for gain"):
         block.load_state_dict({**state, "gain": torch.zeros(2)})
+
+
+def test_scalar_gains_load_from_lazily_read_checkpoints(tmp_path: Path) -> None:
+    """Lightning reads a checkpoint lazily when a strategy (FSDP) loads the best one for testing:
+    the older 0-dim gain arrives as a tensor not loaded yet and still loads."""
+    from lightning.fabric.utilities.load import _lazy_load
+
+    from genlab.models.otuken3d.networks import StyledBlock
+
+    block = StyledBlock(4, 4, 8, 8, residual=True)
+    torch.save({**block.state_dict(), "gain": torch.tensor(0.5)}, tmp_path / "old.ckpt")
+    lazy = _lazy_load(tmp_path / "old.ckpt")
+    assert type(lazy["gain"]).__name__ == "_NotYetLoadedTensor"
+    block.load_state_dict(lazy)
+    assert block.gain.shape == (1,) and block.gain.item() == 0.5

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class SamplePreviews(pl.Callback):
-    """Every ``every_n_epochs`` epochs and at the end of fit, sample the model for ``prompts``.
+    """Every ``every_n_epochs`` epochs and at the end of training, sample the model for ``prompts``.
 
     Files go to ``out_dir/epoch_XXX/`` (meshes, one PNG each, ``grid.png``); the grid and the meshes
     are sent to the loggers. Sampling draws from its own seeded generator, so it does not disturb
@@ -52,7 +52,9 @@ class SamplePreviews(pl.Callback):
         if self.every_n_epochs > 0 and completed % self.every_n_epochs == 0:
             self.write(trainer, pl_module, completed)
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the end of training, before the strategy's teardown (DeepSpeed then moves the module
+        # to the CPU and its partitioned weights can no longer be gathered)
         self.write(trainer, pl_module, trainer.current_epoch)
 
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> Path | None:

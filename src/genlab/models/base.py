@@ -2,42 +2,103 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
+# segments that FSDP and activation checkpointing put into the names of the submodules they wrap
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# while set, state dicts keep the weights checkpoints leave out (see ``every_weight``)
+_EVERY_WEIGHT: ContextVar[bool] = ContextVar("every_weight", default=False)
+
+
+def plain_name(name: str) -> str:
+    """``name`` without the segments that FSDP / activation-checkpoint wrappers add."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+@contextmanager
+def every_weight() -> Iterator[None]:
+    """State dicts of genlab modules taken inside hold every weight, frozen ones too."""
+    token = _EVERY_WEIGHT.set(True)
+    try:
+        yield
+    finally:
+        _EVERY_WEIGHT.reset(token)
+
+
+def drop_unsaved_keys(module: GenerativeModule, state: dict, prefix: str = "") -> None:
+    """Remove from ``state`` (in place) the keys under ``prefix`` that checkpoints leave out."""
+    saved = module.saved_keys()
+    for key in [k for k in state if k.startswith(prefix)]:
+        if not saved(plain_name(key[len(prefix) :])):
+            del state[key]
+
+
+def _drop_unsaved(module: GenerativeModule, state: dict, prefix: str, _meta: Any) -> None:
+    """State-dict hook: remove what checkpoints leave out, in place.
+
+    A hook rather than a ``state_dict`` override, so it also applies when a DeepSpeed engine
+    collects this module's weights. Inside an FSDP wrapper (``prefix`` holds its segment) the
+    keys stay: the wrapper's own hook, which runs after this one, needs every weight of its
+    unit; there ``on_save_checkpoint`` and the export drop them instead.
+    """
+    if _EVERY_WEIGHT.get() or any(segment in prefix for segment in WRAPPER_SEGMENTS):
+        return
+    drop_unsaved_keys(module, state, prefix)
+
+
+def _forgive_unsaved(module: GenerativeModule, incompatible: Any) -> None:
+    """Load hook: weights that checkpoints leave out are not missing (they keep live values)."""
+    saved = module.saved_keys()
+    # names, not a state dict: under an FSDP load, a state dict would gather the shards again
+    named = (
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    )
+    own = {plain_name(n) for n, _ in named}
+    missing = incompatible.missing_keys
+    missing[:] = [k for k in missing if plain_name(k) not in own or saved(plain_name(k))]
+
 
 class GenerativeModule(pl.LightningModule):
     """Base LightningModule.
 
     Submodules named in ``frozen_modules`` (pretrained encoders, base models) are rebuilt from the
-    config, so they are left out of ``state_dict`` (checkpoints stay small) and restored from the
-    live module on load. Subclasses implement ``sample(prompts, num_per_prompt, generator)``.
+    config, so they are left out of ``state_dict`` (checkpoints stay small) and keep their live
+    values on load; subclasses that save less override :meth:`saved_keys`. Subclasses implement
+    ``sample(prompts, num_per_prompt, generator)``.
     """
 
     frozen_modules: tuple[str, ...] = ()
     main_metric: str | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_state_dict_post_hook(_drop_unsaved)
+        self.register_load_state_dict_post_hook(_forgive_unsaved)
+
     def _frozen_prefixes(self) -> tuple[str, ...]:
         return tuple(f"{name}." for name in self.frozen_modules)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        frozen = tuple(prefix + p for p in self._frozen_prefixes())
-        return type(state)((k, v) for k, v in state.items() if not k.startswith(frozen))
+    def saved_keys(self) -> Callable[[str], bool]:
+        """Which state-dict keys (relative to this module) checkpoints and exports hold: all
+        but those of ``frozen_modules``."""
+        frozen = self._frozen_prefixes()
+        return lambda key: not key.startswith(frozen)
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ):
-        merged = dict(state_dict)
-        for key, value in super().state_dict().items():
-            if key.startswith(self._frozen_prefixes()):
-                merged.setdefault(key, value)
-        return super().load_state_dict(merged, strict=strict, assign=assign)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the saved weights in the checkpoint (for FSDP's full state dict, which the
+        state-dict hook leaves whole)."""
+        if "state_dict" in checkpoint:
+            drop_unsaved_keys(self, checkpoint["state_dict"])
 
     def configure_gradient_clipping(
         self,
@@ -88,7 +149,8 @@ def load_partial_state(
     starting with ``what`` and listing examples of each. Returns the keys loaded that were
     not expected (e.g. frozen base weights) and the usual ``_IncompatibleKeys``.
     """
-    live = torch.nn.Module.state_dict(module)
+    with every_weight():
+        live = torch.nn.Module.state_dict(module)
     unexpected = sorted(k for k in state_dict if k not in live)
     missing = sorted(expected - set(state_dict))
     mismatched = sorted(
@@ -113,11 +175,16 @@ def load_partial_state(
 
 
 def load_weights(module: torch.nn.Module, path: str | Path) -> None:
-    """Load a Lightning ``.ckpt`` (weights only, no pickled code) or a ``.safetensors`` file."""
+    """Load a Lightning ``.ckpt`` (weights only, no pickled code), a ``.safetensors`` file or a
+    DeepSpeed checkpoint folder (its float32 weights; needs the deepspeed package)."""
+    from genlab.distributed import is_deepspeed_checkpoint
+
     path = Path(path)
-    if not path.is_file():
+    if is_deepspeed_checkpoint(path):
+        state = _deepspeed_fp32_weights(path)
+    elif not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(path))
@@ -134,3 +201,15 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
             )
         state = ckpt["state_dict"]
     module.load_state_dict(state)
+
+
+def _deepspeed_fp32_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The float32 weights of a DeepSpeed checkpoint folder (ZeRO stage 1, 2 or 3)."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"{folder} is a DeepSpeed checkpoint folder: reading it needs the deepspeed package "
+            "(pip install deepspeed); or load the run's model.safetensors instead"
+        ) from err
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder))

@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from genlab.distributed import is_deepspeed_checkpoint
 from genlab.models.base import load_weights
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def build_model(cfg: DictConfig, without: Sequence[str] = ()):
             "ckpt_path is required: pass ckpt_path=<run>/checkpoints/last.ckpt (or a .safetensors)"
         )
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
-    if not ckpt.is_file():
+    if not (ckpt.is_file() or is_deepspeed_checkpoint(ckpt)):
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such file")
     model_cfg = cfg.model
     train_cfg = run_config_for(ckpt)

@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from genlab.distributed import refuse_scorer_under_sharding, shards_weights
+from genlab.distributed import SCORER_SEES_A_SHARD, refuse_under_sharding, shards_weights
 from genlab.metrics.fidelity_report import (
     FidelityValues,
     fidelity_values,
     write_fidelity_csv,
     write_fidelity_json,
 )
-from genlab.models.base import GenerativeModule, load_partial_state
+from genlab.models.base import GenerativeModule, load_partial_state, plain_name
 from genlab.models.lora_sd import lora as lora_io
 from genlab.models.lora_sd.components import (
     Components,
@@ -369,7 +369,9 @@ class LoRADreamBooth(GenerativeModule):
 
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
-        refuse_scorer_under_sharding(strategy, self.metrics, "model.metrics")
+        refuse_under_sharding(
+            strategy, self.metrics is not None, "model.metrics=null", SCORER_SEES_A_SHARD
+        )
         dtype = self.resolved_weight_dtype()
         if dtype == torch.float32:
             return
@@ -930,14 +932,11 @@ class LoRADreamBooth(GenerativeModule):
 
     # ---- checkpoints: LoRA weights only --------------------------------------------------
     def _trainable_keys(self) -> set[str]:
-        return {n for n, _ in self.lora_parameters()}
+        return {plain_name(n) for n, _ in self.lora_parameters()}
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    def saved_keys(self) -> Callable[[str], bool]:
         """Only the LoRA weights (the frozen base is rebuilt from the config)."""
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        keep = {prefix + k for k in self._trainable_keys()}
-        return type(state)((k, v) for k, v in state.items() if k in keep)
+        return self._trainable_keys().__contains__
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
@@ -960,6 +959,7 @@ class LoRADreamBooth(GenerativeModule):
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["lora_sd"] = {
             "seed": self.seed,
             "architecture": self.architecture,

@@ -58,6 +58,7 @@ from PIL import Image
 
 from genlab.data.cameras import camera_embeddings, look_at_camera
 from genlab.data.mvds import CLIP_MEAN, CLIP_STD
+from genlab.distributed import EMA_SEES_A_SHARD, refuse_under_sharding
 from genlab.models.base import GenerativeModule
 from genlab.nn.multiview_attention import install_multiview_attention
 from genlab.pretrained import WeightsUnavailableError
@@ -664,6 +665,9 @@ class MultiViewDiffusion(GenerativeModule):
 
     # ---- LPIPS ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        strategy = getattr(self._trainer, "strategy", None)
+        used = self.ema_unet is not None
+        refuse_under_sharding(strategy, used, "model.ema_decay=null", EMA_SEES_A_SHARD)
         if stage in ("fit", "validate"):
             self._setup_lpips()
 

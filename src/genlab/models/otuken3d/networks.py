@@ -124,8 +124,8 @@ class StyledBlock(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         gain = state_dict.get(prefix + "gain")
-        if gain is not None and gain.dim() == 0:
-            state_dict[prefix + "gain"] = gain.reshape(1)
+        if gain is not None and gain.ndim == 0:  # .ndim: Lightning's lazily loaded tensors have it
+            state_dict[prefix + "gain"] = gain.contiguous().reshape(1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,10 @@ import torch
 from PIL import Image
 
 from genlab.distributed import (
+    EMA_SEES_A_SHARD,
+    SCORER_SEES_A_SHARD,
     call_with_full_weights,
-    refuse_scorer_under_sharding,
+    refuse_under_sharding,
     shards_weights,
 )
 from genlab.models.base import GenerativeModule, load_partial_state
@@ -366,9 +368,12 @@ class ShapEPriorFineTune(GenerativeModule):
     # ---- data checks ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Fail before training when the data has no latents, or latents of another shape, or
-        when the CLIP scorer would be sharded."""
+        when the CLIP scorer or the EMA would see only shards of the weights."""
         strategy = getattr(self._trainer, "strategy", None)
-        refuse_scorer_under_sharding(strategy, self.clip_scorer, "model.clip_scorer")
+        used = self.clip_scorer is not None
+        refuse_under_sharding(strategy, used, "model.clip_scorer=null", SCORER_SEES_A_SHARD)
+        used = self.ema is not None
+        refuse_under_sharding(strategy, used, "model.ema.enabled=false", EMA_SEES_A_SHARD)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         root = getattr(datamodule, "root", None)
         if datamodule is None or root is None:
@@ -746,19 +751,14 @@ class ShapEPriorFineTune(GenerativeModule):
 
     # ---- checkpoints ---------------------------------------------------------------------
     def _saved_prefixes(self) -> tuple[set[str], tuple[str, ...]]:
-        """(exact keys, prefixes) of what checkpoints hold: the whole prior (full) or its
-        trained weights (LoRA), plus the EMA shadows."""
-        if self.hparams.finetune == "full":
-            return set(), ("prior.", "ema.")
+        """(exact keys, prefixes) of what checkpoints hold: the prior's trained weights (all of
+        them, or its LoRA adapters) and the EMA shadows. Its frozen constants (``clip_mean``,
+        ``clip_std``) come from the pretrained prior."""
         return {f"prior.{n}" for n in self.trainable_names}, ("ema.",)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        state = torch.nn.Module.state_dict(self, *args, **kwargs)
-        prefix = kwargs.get("prefix", "")
+    def saved_keys(self) -> Callable[[str], bool]:
         keys, prefixes = self._saved_prefixes()
-        keep = {prefix + k for k in keys}
-        starts = tuple(prefix + p for p in prefixes)
-        return type(state)((k, v) for k, v in state.items() if k in keep or k.startswith(starts))
+        return lambda key: key in keys or key.startswith(prefixes)
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
@@ -775,6 +775,7 @@ class ShapEPriorFineTune(GenerativeModule):
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["shape_e"] = {
             "seed": self.seed,
             "skipped_steps": self.skipped_steps,

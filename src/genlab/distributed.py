@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -262,15 +262,15 @@ def gathered_state_dict(
 def _deepspeed_state_dict(
     module: pl.LightningModule, rank0: bool, partitioned: bool
 ) -> dict[str, torch.Tensor] | None:
-    import deepspeed
+    from deepspeed.runtime.zero import GatheredParameters
     from deepspeed.utils import safe_get_full_fp32_param
 
     from genlab.models.base import plain_name
 
-    saved = module.saved_keys() if hasattr(module, "saved_keys") else (lambda _: True)
+    saved = _saved_keys(module)
     named = [(plain_name(n), p) for n, p in module.named_parameters()]
-    gather = deepspeed.zero.GatheredParameters if partitioned else _no_gathering
-    with gather([p for n, p in named if saved(n)], modifier_rank=None):
+    gathered = [p for n, p in named if saved(n)]
+    with GatheredParameters(gathered, modifier_rank=None) if partitioned else nullcontext():
         state = module.state_dict()
         state = {k: v.detach().cpu().clone() for k, v in state.items()} if rank0 else {}
     for name, param in named:  # the same order on every rank: each call is a collective
@@ -281,9 +281,9 @@ def _deepspeed_state_dict(
     return state if rank0 else None
 
 
-@contextmanager
-def _no_gathering(_params: object, modifier_rank: int | None = None) -> Iterator[None]:
-    yield
+def _saved_keys(module: torch.nn.Module) -> Callable[[str], bool]:
+    """The module's ``saved_keys`` predicate (every key for modules without one)."""
+    return module.saved_keys() if hasattr(module, "saved_keys") else (lambda _: True)
 
 
 def export_trained_weights(
@@ -328,7 +328,7 @@ def refuse_frozen_saved_weights(strategy: object, module: torch.nn.Module) -> No
         return
     from genlab.models.base import plain_name
 
-    saved = module.saved_keys() if hasattr(module, "saved_keys") else (lambda _: True)
+    saved = _saved_keys(module)
     names = [plain_name(n) for n, p in module.named_parameters() if not p.requires_grad]
     lost = [n for n in names if saved(n)]
     if lost:

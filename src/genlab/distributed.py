@@ -25,6 +25,8 @@ from lightning.pytorch.plugins.precision.deepspeed import DeepSpeedPrecision
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from genlab.callbacks.checkpoint_io import remove_path, replace_folder, staging_folder
+
 log = logging.getLogger(__name__)
 
 # what Lightning's script launcher puts into the launching process's environment (OMP_NUM_THREADS:
@@ -341,33 +343,61 @@ def refuse_frozen_saved_weights(strategy: object, module: torch.nn.Module) -> No
         )
 
 
-class DeepSpeedAutocastStrategy(DeepSpeedStrategy):
-    """Lightning's DeepSpeed strategy, whose ``bf16-mixed`` is torch autocast.
+# mixed precisions run as DeepSpeed's torch_autocast, with the autocast dtype
+_AUTOCAST_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
+_OWN_PRECISION_KEYS = {"bf16", "fp16", "torch_autocast"}
 
-    Lightning maps ``bf16-mixed`` to DeepSpeed's bf16 mode: every weight in bf16 and no
-    autocast (the engine even switches off an autocast around it), so each float32 tensor a
-    model makes itself (noise, timestep embeddings, point clouds) meets bf16 weights and the
-    step fails. Here it is DeepSpeed's ``torch_autocast`` instead: float32 weights, each
-    operation cast as under the other strategies' mixed precision, gradients of linear and
-    convolution layers communicated in bf16. A ``config`` that sets ``bf16``, ``fp16`` or
-    ``torch_autocast`` itself is left as it is.
+
+class DeepSpeedAutocastStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, whose mixed precisions are torch autocast, and whose
+    checkpoint folders replace the previous ones whole.
+
+    Lightning maps ``bf16-mixed`` (``16-mixed``) to DeepSpeed's bf16 (fp16) mode: every weight
+    in bf16 and no autocast (the engine even switches off an autocast around it), so each
+    float32 tensor a model makes itself (noise, timestep embeddings, point clouds) meets bf16
+    weights and the step fails. Here it is DeepSpeed's ``torch_autocast`` instead: float32
+    weights, each operation cast as under the other strategies' mixed precision, gradients of
+    linear and convolution layers communicated in the low precision; under ``16-mixed``
+    DeepSpeed scales the loss with torch's ``GradScaler``. A ``config`` that sets ``bf16``,
+    ``fp16`` or ``torch_autocast`` itself is left as it is.
     """
 
     def _format_config(self) -> None:
-        own = {"bf16", "fp16", "torch_autocast"} & set(self.config or {})
-        if self.precision_plugin.precision == "bf16-mixed" and not own:
-            self.config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-            self.config["bf16"] = {"enabled": False}  # not DeepSpeed's bf16 mode on top
+        dtype = _AUTOCAST_DTYPES.get(self.precision_plugin.precision)
+        if dtype is not None and not _OWN_PRECISION_KEYS & set(self.config or {}):
+            self.config["torch_autocast"] = {"enabled": True, "dtype": dtype}
+            # not DeepSpeed's own bf16 / fp16 mode on top
+            self.config["bf16"] = {"enabled": False}
+            self.config["fp16"] = {"enabled": False}
         super()._format_config()
+
+    def save_checkpoint(
+        self, checkpoint: dict, filepath: str | Path, storage_options: Any | None = None
+    ) -> None:
+        """DeepSpeed writes its folder (one file per rank) beside the target, and rank 0 puts
+        it in place once every rank has finished (:func:`replace_folder`): a crash while
+        writing leaves the previous ``last.ckpt`` whole. Needs a file system shared by the
+        ranks, as DeepSpeed's own resume does."""
+        target = Path(self.broadcast(str(filepath)))
+        staged = staging_folder(target)
+        if self.is_global_zero:
+            remove_path(staged)  # what a crashed write left
+        self.barrier("deepspeed_checkpoint_staging")
+        super().save_checkpoint(checkpoint, staged, storage_options)
+        self.barrier("deepspeed_checkpoint_written")
+        if self.is_global_zero:
+            replace_folder(staged, target)
+        self.barrier("deepspeed_checkpoint_in_place")
 
 
 class DeepSpeedAutocastPrecision(DeepSpeedPrecision):
     """Lightning's DeepSpeed precision plugin, leaving the batch's floats as they are under
-    ``bf16-mixed`` (:class:`DeepSpeedAutocastStrategy` autocasts per operation; Lightning's
-    plugin casts the whole batch to bf16, so point clouds would lose precision first)."""
+    ``bf16-mixed`` and ``16-mixed`` (:class:`DeepSpeedAutocastStrategy` autocasts per
+    operation; Lightning's plugin casts the whole batch to the low precision first, so point
+    clouds would lose precision)."""
 
     def convert_input(self, data: Any) -> Any:
-        if self.precision == "bf16-mixed":
+        if self.precision in _AUTOCAST_DTYPES:
             return data
         return super().convert_input(data)
 
@@ -384,4 +414,26 @@ def refuse_test_after_zero3(strategy: object, testing: bool) -> None:
             "test=true cannot run with DeepSpeed ZeRO-3 (trainer.strategy.stage=3): DeepSpeed's "
             "inference engine cannot load the ZeRO-3 checkpoint for testing. Set test=false "
             "(validation metrics are still logged), or use trainer.strategy.stage=2 or trainer=fsdp"
+        )
+
+
+def refuse_clipping_scaled_gradients(trainer: pl.Trainer) -> None:
+    """Stop before training a ``16-mixed`` DeepSpeed run that clips gradients.
+
+    Under ``torch_autocast`` with float16, DeepSpeed 0.19's ZeRO optimisers scale the loss with
+    a ``GradScaler`` but clip before the scaler unscales: the norm they clip to
+    ``gradient_clipping`` is the loss-scaled one, so each step would shrink by the loss scale.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, DeepSpeedAutocastStrategy):
+        return
+    own = _OWN_PRECISION_KEYS & set(strategy.config or {})
+    clip = (strategy.config or {}).get("gradient_clipping", trainer.gradient_clip_val)
+    if strategy.precision_plugin.precision == "16-mixed" and not own and clip:
+        raise ValueError(
+            f"gradient clipping ({clip}) cannot run with trainer.precision=16-mixed under "
+            "trainer=deepspeed: DeepSpeed clips the loss-scaled gradients of float16 autocast "
+            "before unscaling them, so every step would be shrunk by the loss scale. Set "
+            "trainer.gradient_clip_val=null, or use trainer.precision=bf16-mixed (GPUs from "
+            "Ampere on), or trainer=ddp / trainer=fsdp"
         )

@@ -28,12 +28,15 @@ from genlab.callbacks.scaling import ScalingReport, lr_scale, scale_config_lr
 from genlab.callbacks.sweep import SweepSummary
 from genlab.distributed import (
     SCORER_SEES_A_SHARD,
+    DeepSpeedAutocastPrecision,
+    DeepSpeedAutocastStrategy,
     call_with_full_weights,
     check_strategy,
     config_flags,
     export_trained_weights,
     gathered_state_dict,
     job_command_line,
+    refuse_clipping_scaled_gradients,
     refuse_frozen_saved_weights,
     refuse_test_after_zero3,
     refuse_under_sharding,
@@ -288,6 +291,8 @@ def _deepspeed_missing() -> str | None:
         # ZeRO-2 with clipping (DeepSpeed clips), then ZeRO-3 (parameters partitioned) + resume
         ("lora_sd", _lora_sd_args, 2, ["trainer.gradient_clip_val=1.0"], {"step_", "epoch_"}),
         ("lora_sd", _lora_sd_args, 3, [], {"step_", "epoch_"}),
+        # 16-mixed: float16 autocast, the loss scaled by DeepSpeed's GradScaler
+        ("lora_sd", _lora_sd_args, 2, ["trainer.precision=16-mixed"], {"step_", "epoch_"}),
         # its experiment tests the best checkpoint after fit, which ZeRO-3 refuses (see cli)
         ("otuken3d", _otuken3d_args, 3, [PREVIEWS, "test=false"], {"epoch_"}),
         ("shape_e", _shape_e_args, 3, [PREVIEWS, "model.clip_scorer=null"], {"step_", "epoch_"}),
@@ -317,6 +322,8 @@ def test_each_method_samples_checkpoints_and_exports_under_deepspeed(
     assert {name[: name.index("_") + 1] for name in written} == sampled, written
     folder = run / "checkpoints" / "last.ckpt"
     assert is_deepspeed_checkpoint(folder)
+    # each folder was written beside its place and moved there whole
+    assert not [p.name for p in folder.parent.iterdir() if p.name.startswith(".")]
     master = _deepspeed_fp32_weights(folder)
     exported = load_file(str(run / "model.safetensors"))
     assert master.keys() == exported.keys() and exported
@@ -325,6 +332,9 @@ def test_each_method_samples_checkpoints_and_exports_under_deepspeed(
             assert value.dtype == torch.float32 and bool(torch.isfinite(value).all()), key
         torch.testing.assert_close(value.float(), master[key].float(), rtol=0, atol=0)
     assert math.isfinite(json.loads((run / "metrics.json").read_text())["val/loss"])
+    if method == "lora_sd":  # the adapters' up projections start at zero: training moved them
+        up = [value for key, value in exported.items() if "lora_B" in key]
+        assert up and all(bool(value.abs().sum() > 0) for value in up)
     if stage == 3 and method == "lora_sd":
         run_train(tmp_path, *common, "trainer.max_epochs=2", f"ckpt_path={folder}", timeout=600)
         (resumed,) = [r for r in (tmp_path / "logs" / method / "runs").iterdir() if r != run]
@@ -550,6 +560,111 @@ def test_deepspeed_checkpoints_keep_every_saved_weight_and_folders_are_accepted(
     except ImportError:
         with pytest.raises(ModuleNotFoundError, match=r"last.ckpt is a DeepSpeed checkpoint"):
             load_weights(_TwoLayers(), folder)
+
+
+def _deepspeed_strategy(precision: str, config: dict) -> DeepSpeedAutocastStrategy:
+    """The strategy with the attributes Lightning's ``__init__`` gives it (``__init__`` itself
+    needs the deepspeed package), in one process."""
+    strategy = DeepSpeedAutocastStrategy.__new__(DeepSpeedAutocastStrategy)
+    strategy._precision_plugin = DeepSpeedAutocastPrecision(precision)
+    strategy.config, strategy._lightning_module, strategy.cluster_environment = config, None, None
+    strategy.loss_scale, strategy.loss_scale_window, strategy.min_loss_scale = 0, 1000, 1
+    strategy.initial_scale_power, strategy.hysteresis = 16, 2
+    strategy.exclude_frozen_parameters = True
+    return strategy
+
+
+@pytest.mark.parametrize(
+    ("precision", "own", "expected"),
+    [
+        ("bf16-mixed", {}, {"torch_autocast": "bfloat16", "bf16": False, "fp16": False}),
+        ("16-mixed", {}, {"torch_autocast": "float16", "bf16": False, "fp16": False}),
+        ("32-true", {}, {}),
+        # a config that chooses its own precision is left as it is
+        ("16-mixed", {"fp16": {"enabled": True}}, {"fp16": True}),
+    ],
+)
+def test_deepspeed_mixed_precision_is_torch_autocast(
+    precision: str, own: dict, expected: dict
+) -> None:
+    strategy = _deepspeed_strategy(precision, {"zero_optimization": {"stage": 2}, **own})
+    strategy._format_config()
+    config = strategy.config
+    chosen = {
+        key: config[key]["dtype"] if key == "torch_autocast" else config[key]["enabled"]
+        for key in ("torch_autocast", "bf16", "fp16")
+        if key in config
+    }
+    assert chosen == expected
+    batch = {"points": torch.randn(2, 3, dtype=torch.float64), "ids": torch.arange(2)}
+    converted = strategy.precision_plugin.convert_input(batch)
+    kept = precision.endswith("-mixed")  # autocast casts per operation, not the batch
+    assert (converted["points"].dtype == torch.float64) == kept
+    assert converted["ids"].dtype == torch.int64
+
+
+def test_deepspeed_float16_refuses_clipping_the_loss_scaled_gradients() -> None:
+    def trainer(precision: str, clip: float | None, config: dict | None = None) -> Any:
+        strategy = _deepspeed_strategy(precision, config or {})
+        return SimpleNamespace(strategy=strategy, gradient_clip_val=clip)
+
+    with pytest.raises(ValueError, match=r"clipping \(1.0\) cannot run with .*16-mixed.*"
+                       r"gradient_clip_val=null.*bf16-mixed"):  # fmt: skip
+        refuse_clipping_scaled_gradients(trainer("16-mixed", 1.0))
+    with pytest.raises(ValueError, match=r"clipping \(0.5\)"):  # a config's own clipping
+        refuse_clipping_scaled_gradients(trainer("16-mixed", None, {"gradient_clipping": 0.5}))
+    refuse_clipping_scaled_gradients(trainer("16-mixed", None))
+    refuse_clipping_scaled_gradients(trainer("16-mixed", 0.0))
+    refuse_clipping_scaled_gradients(trainer("bf16-mixed", 1.0))
+    refuse_clipping_scaled_gradients(trainer("16-mixed", 1.0, {"fp16": {"enabled": True}}))
+    refuse_clipping_scaled_gradients(SimpleNamespace(strategy=object(), gradient_clip_val=1.0))
+
+
+class _FolderWriter:
+    """Writes a checkpoint folder as DeepSpeed's engine does (a tag folder and ``latest``),
+    failing after its first file when told to."""
+
+    def __init__(self) -> None:
+        self.fail = False
+
+    def save_checkpoint(self, save_dir: str, client_state: dict, tag: str, **_: Any) -> None:
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(client_state, folder / "mp_rank_00_model_states.pt")
+        if self.fail:
+            raise OSError("disk full")
+        torch.save({"step": client_state["global_step"]}, folder / "optim_states.pt")
+        (Path(save_dir) / "latest").write_text(tag)
+
+
+def test_deepspeed_checkpoint_folders_replace_the_previous_one_whole(tmp_path: Path) -> None:
+    """A save writes beside the target and puts the finished folder in place: a save that fails
+    half-way leaves the previous folder as it was, and the next save clears what it left."""
+    from genlab.distributed import is_deepspeed_checkpoint
+
+    strategy = _deepspeed_strategy("bf16-mixed", {})
+    strategy.model = engine = _FolderWriter()  # type: ignore[assignment]  # deepspeed_engine
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    states = target / "checkpoint" / "mp_rank_00_model_states.pt"
+
+    strategy.save_checkpoint({"global_step": 1, "state_dict": {}}, target)
+    assert is_deepspeed_checkpoint(target) and torch.load(states)["global_step"] == 1
+    assert "state_dict" not in torch.load(states)  # the engine saves the weights itself
+    (target / "checkpoint" / "stale.pt").write_text("from an older save")
+
+    engine.fail = True
+    with pytest.raises(OSError, match="disk full"):
+        strategy.save_checkpoint({"global_step": 2}, target)
+    assert torch.load(states)["global_step"] == 1  # untouched
+    assert torch.load(target / "checkpoint" / "optim_states.pt")["step"] == 1
+    assert (tmp_path / "checkpoints" / ".last.ckpt.partial").is_dir()  # the failed write
+
+    engine.fail = False
+    strategy.save_checkpoint({"global_step": 3}, target)
+    assert torch.load(states)["global_step"] == 3
+    assert torch.load(target / "checkpoint" / "optim_states.pt")["step"] == 3
+    assert not (target / "checkpoint" / "stale.pt").exists()  # replaced, not merged
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
 def test_launcher_configs_follow_the_trainer(tmp_path: Path) -> None:

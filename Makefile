@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.genlab-installed
 # the default job: a CPU-sized recipe of the voxel VAE-GAN (see conf/experiment/)
 ARGS ?= experiment=voxel_vaegan_cpu
+# the suite runs in PYTEST_WORKERS processes (pytest-xdist), one test file per process at a time
+# (module fixtures are built once), one thread each; PYTEST_WORKERS=0 runs it in this process
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 # `make parity`: a separate venv with the unofficial pytorch3d wheel (needs torch 2.12.1, see
 # requirements-parity.lock), used only to compare genlab's geometry code against pytorch3d
@@ -36,7 +39,7 @@ train: install
 	$(BIN)/python train.py $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files

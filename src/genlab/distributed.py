@@ -12,6 +12,7 @@ the fit/test calls of one job.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -200,6 +201,23 @@ def call_with_full_weights(
         with strategy.precision_plugin.forward_context():
             return strategy._forward_redirection(strategy.model, module, method, *args, **kwargs)
     return getattr(module, method)(*args, **kwargs)
+
+
+def gradient_norm(module: torch.nn.Module, strategy: object) -> torch.Tensor | None:
+    """The 2-norm of all of ``module``'s gradients (None without any), over the whole model.
+
+    Under FSDP each rank holds the gradients of its shard only, so a norm of the local
+    gradients (Lightning's ``grad_norm``) is that rank's part. There the root wrapper's own
+    ``clip_grad_norm_`` with an infinite bound takes the norm over every rank's shards and
+    leaves the gradients as they are; it is a collective, so every rank calls this.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy) and shards_weights(strategy):
+        return strategy.model.clip_grad_norm_(math.inf).detach().float()
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in module.parameters()
+             if p.grad is not None]  # fmt: skip
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
 
 
 def refuse_under_sharding(strategy: object, used: bool, switch_off: str, why: str) -> None:

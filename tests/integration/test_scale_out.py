@@ -35,6 +35,7 @@ from genlab.distributed import (
     config_flags,
     export_trained_weights,
     gathered_state_dict,
+    gradient_norm,
     job_command_line,
     refuse_clipping_scaled_gradients,
     refuse_frozen_saved_weights,
@@ -964,6 +965,7 @@ def _sharded_step(rank: int, out_dir: str) -> None:
     strategy = _fully_sharded(module, {torch.nn.Linear})
     module._trainer = trainer = SimpleNamespace(strategy=strategy, is_global_zero=rank == 0)
     strategy.model(_clip_batch()).square().sum().backward()
+    norms = {"local": gradient_norm(module, None), "whole": gradient_norm(module, strategy)}
     module.configure_gradient_clipping(None, 0.05, "norm")
     with FullyShardedDataParallel.summon_full_params(strategy.model, with_grads=True):
         grads = {
@@ -986,7 +988,8 @@ def _sharded_step(rank: int, out_dir: str) -> None:
     _load_raw_module_state(state, strategy.model, world_size=2, strict=True)
     reloaded = gathered_state_dict(trainer, module)
     if rank == 0:
-        torch.save({"grads": grads, "checkpoint": checkpoint, "reloaded": reloaded}, out / "run.pt")
+        run = {"grads": grads, "checkpoint": checkpoint, "reloaded": reloaded, "norms": norms}
+        torch.save(run, out / "run.pt")
 
 
 @pytest.fixture(scope="module")
@@ -1017,6 +1020,18 @@ def test_gradient_clipping_by_norm_under_fsdp_uses_the_norm_over_all_shards(
         torch.testing.assert_close(sharded[name], grad, rtol=1e-5, atol=1e-7)
     total = torch.linalg.vector_norm(torch.stack([g.norm() for g in sharded.values()]))
     assert total.item() == pytest.approx(0.05, rel=1e-4)
+
+
+def test_gradient_norm_under_fsdp_is_the_whole_models(sharded_step: Path) -> None:
+    """otuken3d logs train/grad_norm through gradient_norm: under FSDP, the norm over every
+    rank's shards (before clipping), not the norm of rank 0's own shard."""
+    norms = torch.load(sharded_step / "run.pt")["norms"]
+    whole = _TwoLayers()
+    whole(_clip_batch()).square().sum().backward()
+    expected = torch.nn.utils.clip_grad_norm_(whole.parameters(), math.inf)
+    assert gradient_norm(whole, None) == pytest.approx(expected.item(), rel=1e-6)
+    assert norms["whole"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert norms["local"].item() < 0.99 * expected.item()  # rank 0's shard alone
 
 
 def test_sharded_weights_are_checkpointed_exported_and_reloaded_whole(sharded_step: Path) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from genlab.distributed import gradient_norm
 from genlab.geometry.marching_cubes import IsoLevelWarning, MeshExtractor
 from genlab.geometry.mesh_batch import MeshBatch
 from genlab.geometry.mesh_losses import (
@@ -389,11 +390,9 @@ class Otuken3D(GenerativeModule):
         return parts["loss"]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        from lightning.pytorch.utilities import grad_norm
-
-        norms = grad_norm(self, norm_type=2)
-        if norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+        norm = gradient_norm(self, self.trainer.strategy)  # before clipping, over all shards
+        if norm is not None:
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def _evaluate(self, batch: dict, stage: str) -> None:
         from genlab.metrics.point_cloud import chamfer_l2, fscore

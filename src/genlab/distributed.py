@@ -209,10 +209,14 @@ def gradient_norm(module: torch.nn.Module, strategy: object) -> torch.Tensor | N
     Under FSDP each rank holds the gradients of its shard only, so a norm of the local
     gradients (Lightning's ``grad_norm``) is that rank's part. There the root wrapper's own
     ``clip_grad_norm_`` with an infinite bound takes the norm over every rank's shards and
-    leaves the gradients as they are; it is a collective, so every rank calls this.
+    leaves the gradients as they are; it is a collective, so every rank calls this. Under
+    DeepSpeed the engine moves the gradients into its own buffers during backward (ZeRO), and
+    what may be left in ``.grad`` is not the whole: None there.
     """
     from lightning.pytorch.strategies import FSDPStrategy
 
+    if isinstance(strategy, DeepSpeedStrategy):
+        return None
     if isinstance(strategy, FSDPStrategy) and shards_weights(strategy):
         return strategy.model.clip_grad_norm_(math.inf).detach().float()
     norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in module.parameters()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -134,3 +135,68 @@ def test_scheduler_given_on_the_command_line_is_built(tmp_path: Path) -> None:
     (opt_g, opt_d), (sched_g, sched_d) = model.configure_optimizers()
     assert type(sched_g).__name__ == "CosineAnnealingLR" and sched_g.T_max == 40
     assert sched_d.optimizer is opt_d
+
+
+# what each Optuna search is composed with (its file's usage line)
+SEARCH_BASES = {
+    "voxel_vaegan_optuna": [],
+    "lora_sd_optuna": ["experiment=sks_toy_sd15"],
+    "mv_diffusion_optuna": ["model=mv_diffusion", "data=mvds"],
+    "shape_e_optuna": ["experiment=shape_e_objaverse"],
+    "otuken3d_optuna": ["experiment=otuken3d"],
+}
+
+
+def _search_space(name: str) -> tuple[Any, dict[str, list]]:
+    """The composed config of ``hparams_search=<name>`` and, per searched key, its extremes (the
+    first and last choice, or the interval's ends) as Optuna's sweeper reads them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+    from optuna.distributions import CategoricalDistribution
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train", [*SEARCH_BASES[name], f"hparams_search={name}"], return_hydra_config=True
+        )
+    parser = OverridesParser.create()
+    ends: dict[str, list] = {}
+    for key, value in cfg.hydra.sweeper.params.items():
+        (override,) = parser.parse_overrides([f"{key}={value}"])
+        dist = create_optuna_distribution_from_override(override)
+        if isinstance(dist, CategoricalDistribution):
+            ends[key] = [dist.choices[0], dist.choices[-1]]
+        else:
+            ends[key] = [dist.low, dist.high]
+    return cfg, ends
+
+
+def test_every_method_has_an_optuna_search() -> None:
+    methods = {p.stem for p in (CONF_DIR / "model").glob("*.yaml")}
+    searches = set(options("hparams_search"))
+    assert searches == set(SEARCH_BASES)
+    covered = {s.removesuffix("_optuna") for s in searches}
+    for method in ("voxel_vaegan", "lora_sd", "mv_diffusion", "shape_e", "otuken3d"):
+        assert method in methods and method in covered
+
+
+@pytest.mark.parametrize("name", sorted(SEARCH_BASES))
+def test_optuna_search_spaces_name_existing_keys_and_compose_at_their_ends(
+    name: str, tmp_path: Path
+) -> None:
+    """A searched key that does not exist, or a value its config refuses, would fail only when
+    the trial runs: every key is in the composed config, and both ends of every range compose."""
+    from omegaconf import OmegaConf
+
+    cfg, ends = _search_space(name)
+    assert cfg.optimized_metric.startswith("val/")
+    assert cfg.hydra.sweeper.direction in ("minimize", "maximize")
+    assert ends
+    missing = object()
+    for key in ends:
+        assert OmegaConf.select(cfg, key, default=missing) is not missing, f"{name}: {key}"
+    for end in (0, 1):
+        trial = [f"{key}={values[end]}" for key, values in ends.items()]
+        composed = compose_config("train", [*SEARCH_BASES[name], *trial], tmp_path)
+        for key, values in ends.items():
+            assert OmegaConf.select(composed, key) == values[end]

@@ -22,7 +22,6 @@ from genlab.distributed import (
     export_trained_weights,
     is_deepspeed_checkpoint,
     job_processes,
-    refuse_clipping_scaled_gradients,
     refuse_frozen_saved_weights,
     refuse_test_after_zero3,
 )
@@ -152,7 +151,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model: pl.LightningModule = instantiate(cfg.model)
     refuse_frozen_saved_weights(trainer.strategy, model)
     refuse_test_after_zero3(trainer.strategy, bool(cfg.get("test", False)))
-    refuse_clipping_scaled_gradients(trainer)
 
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -386,12 +386,24 @@ class DeepSpeedAutocastStrategy(DeepSpeedStrategy):
 
     def _format_config(self) -> None:
         dtype = _AUTOCAST_DTYPES.get(self.precision_plugin.precision)
-        if dtype is not None and not _OWN_PRECISION_KEYS & set(self.config or {}):
+        autocast = dtype is not None and not _OWN_PRECISION_KEYS & set(self.config or {})
+        if autocast:
             self.config["torch_autocast"] = {"enabled": True, "dtype": dtype}
             # not DeepSpeed's own bf16 / fp16 mode on top
             self.config["bf16"] = {"enabled": False}
             self.config["fp16"] = {"enabled": False}
-        super()._format_config()
+        super()._format_config()  # sets gradient_clipping from trainer.gradient_clip_val
+        clip = self.config.get("gradient_clipping")
+        if autocast and dtype == "float16" and clip:
+            # DeepSpeed 0.19's ZeRO optimisers scale the loss with a GradScaler but clip before
+            # the scaler unscales, against their own loss scale of 1
+            raise ValueError(
+                f"gradient clipping ({clip}) cannot run with trainer.precision=16-mixed under "
+                "trainer=deepspeed: DeepSpeed clips the loss-scaled gradients of float16 "
+                "autocast before unscaling them, so every step would be shrunk by the loss "
+                "scale. Set trainer.gradient_clip_val=null, or use trainer.precision=bf16-mixed "
+                "(GPUs from Ampere on), or trainer=ddp / trainer=fsdp"
+            )
 
     def save_checkpoint(
         self, checkpoint: dict, filepath: str | Path, storage_options: Any | None = None
@@ -436,26 +448,4 @@ def refuse_test_after_zero3(strategy: object, testing: bool) -> None:
             "test=true cannot run with DeepSpeed ZeRO-3 (trainer.strategy.stage=3): DeepSpeed's "
             "inference engine cannot load the ZeRO-3 checkpoint for testing. Set test=false "
             "(validation metrics are still logged), or use trainer.strategy.stage=2 or trainer=fsdp"
-        )
-
-
-def refuse_clipping_scaled_gradients(trainer: pl.Trainer) -> None:
-    """Stop before training a ``16-mixed`` DeepSpeed run that clips gradients.
-
-    Under ``torch_autocast`` with float16, DeepSpeed 0.19's ZeRO optimisers scale the loss with
-    a ``GradScaler`` but clip before the scaler unscales: the norm they clip to
-    ``gradient_clipping`` is the loss-scaled one, so each step would shrink by the loss scale.
-    """
-    strategy = trainer.strategy
-    if not isinstance(strategy, DeepSpeedAutocastStrategy):
-        return
-    own = _OWN_PRECISION_KEYS & set(strategy.config or {})
-    clip = (strategy.config or {}).get("gradient_clipping", trainer.gradient_clip_val)
-    if strategy.precision_plugin.precision == "16-mixed" and not own and clip:
-        raise ValueError(
-            f"gradient clipping ({clip}) cannot run with trainer.precision=16-mixed under "
-            "trainer=deepspeed: DeepSpeed clips the loss-scaled gradients of float16 autocast "
-            "before unscaling them, so every step would be shrunk by the loss scale. Set "
-            "trainer.gradient_clip_val=null, or use trainer.precision=bf16-mixed (GPUs from "
-            "Ampere on), or trainer=ddp / trainer=fsdp"
         )

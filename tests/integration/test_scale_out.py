@@ -37,7 +37,6 @@ from genlab.distributed import (
     gathered_state_dict,
     gradient_norm,
     job_command_line,
-    refuse_clipping_scaled_gradients,
     refuse_frozen_saved_weights,
     refuse_test_after_zero3,
     refuse_under_sharding,
@@ -610,20 +609,28 @@ def test_deepspeed_mixed_precision_is_torch_autocast(
 
 
 def test_deepspeed_float16_refuses_clipping_the_loss_scaled_gradients() -> None:
-    def trainer(precision: str, clip: float | None, config: dict | None = None) -> Any:
-        strategy = _deepspeed_strategy(precision, config or {})
-        return SimpleNamespace(strategy=strategy, gradient_clip_val=clip)
+    """At setup, before the first step: trainer.gradient_clip_val (or the config's own
+    gradient_clipping) with 16-mixed autocast stops the run, naming what to change."""
+
+    def set_up(precision: str, clip: float | None, config: dict | None = None) -> dict:
+        strategy = _deepspeed_strategy(
+            precision, {"train_micro_batch_size_per_gpu": 1, **(config or {})}
+        )
+        trainer = SimpleNamespace(gradient_clip_val=clip, accumulate_grad_batches=1)
+        strategy._lightning_module = SimpleNamespace(trainer=trainer)
+        strategy._format_config()
+        return strategy.config
 
     with pytest.raises(ValueError, match=r"clipping \(1.0\) cannot run with .*16-mixed.*"
                        r"gradient_clip_val=null.*bf16-mixed"):  # fmt: skip
-        refuse_clipping_scaled_gradients(trainer("16-mixed", 1.0))
+        set_up("16-mixed", 1.0)
     with pytest.raises(ValueError, match=r"clipping \(0.5\)"):  # a config's own clipping
-        refuse_clipping_scaled_gradients(trainer("16-mixed", None, {"gradient_clipping": 0.5}))
-    refuse_clipping_scaled_gradients(trainer("16-mixed", None))
-    refuse_clipping_scaled_gradients(trainer("16-mixed", 0.0))
-    refuse_clipping_scaled_gradients(trainer("bf16-mixed", 1.0))
-    refuse_clipping_scaled_gradients(trainer("16-mixed", 1.0, {"fp16": {"enabled": True}}))
-    refuse_clipping_scaled_gradients(SimpleNamespace(strategy=object(), gradient_clip_val=1.0))
+        set_up("16-mixed", None, {"gradient_clipping": 0.5})
+    assert set_up("16-mixed", None)["gradient_clipping"] == 0.0
+    assert set_up("16-mixed", 0.0)["torch_autocast"]["dtype"] == "float16"
+    assert set_up("bf16-mixed", 1.0)["gradient_clipping"] == 1.0
+    # a config with its own fp16 section is DeepSpeed's fp16 mode, which unscales first
+    assert set_up("16-mixed", 1.0, {"fp16": {"enabled": True}})["gradient_clipping"] == 1.0
 
 
 class _FolderWriter:
